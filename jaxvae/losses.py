@@ -350,8 +350,11 @@ def iwae_log_likelihood(
     def body(acc: Array, c: Array) -> tuple[Array, None]:
         return jnp.logaddexp(acc, jax.nn.logsumexp(log_weights(c), axis=0)), None
 
-    init = jnp.full(batch_shape, -jnp.inf, dtype)
-    total, _ = lax.scan(body, init, jnp.arange(num_chunks))
+    # Start from the first chunk rather than a constant -inf so the carry has the same
+    # type as the loop's output also inside shard_map (where constants are not
+    # device-varying).
+    init = jax.nn.logsumexp(log_weights(jnp.asarray(0)), axis=0)
+    total, _ = lax.scan(body, init, jnp.arange(1, num_chunks))
     return total - math.log(num_samples)
 
 
