@@ -20,4 +20,3 @@ def test_losses_example_runs(capsys):
     # The example's numbers are real: the printed values parse as finite floats.
     numbers = [float(v) for v in re.findall(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?", out)]
     assert len(numbers) == 2 and all(v == v and abs(v) < 1e6 for v in numbers)
-
