@@ -1,0 +1,183 @@
+"""Checkpoints with orbax-checkpoint: the train state plus the data-iterator position.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, data_iter, metrics}``. ``state`` is the whole
+:class:`~jaxvae.train_state.TrainState` (params, batch_stats, opt_state, step, PRNG key);
+``data_iter`` is the input iterator's JSON state, so a resumed run sees the same batches.
+
+Retention (one ``CheckpointManager``, one preservation policy): keep the latest
+``keep_checkpoints`` steps, *and* the single best step by test negative ELBO among the
+checkpoints saved with eval metrics (``AnyPreservationPolicy(LatestN, BestN)``). Checkpoints
+saved between evaluations carry no metrics; they live only as long as they are among the latest.
+One manager (rather than a second "best" directory) keeps one step numbering, one atomic-write
+protocol, and ``best_step()`` for ``--mode eval --checkpoint best``.
+
+Saving is asynchronous: call :func:`close` (which waits) before the process exits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "test_neg_elbo"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says what to do."""
+
+
+def _best_fn(metrics: dict[str, Any]) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+def create_manager(
+    directory: str | Path, keep: int, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A manager over ``directory`` keeping the latest ``keep`` steps plus the best one."""
+    policy = policies.AnyPreservationPolicy(
+        [
+            policies.LatestN(n=keep),
+            # reverse=True sorts by descending loss, so the kept "last n" are the lowest.
+            policies.BestN(
+                get_metric_fn=_best_fn, reverse=True, n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_fn,
+        best_mode="min",
+        preservation_policy=None if read_only else policy,
+        create=not read_only,
+        read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
+    )
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=options,
+        # Handlers up front so a fresh manager can read metadata before any restore.
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data_iter": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def _jsonable(tree: Any) -> Any:
+    """NumPy scalars/arrays -> Python ints/floats/lists (the iterator state goes to JSON)."""
+    if isinstance(tree, dict):
+        return {str(k): _jsonable(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_jsonable(v) for v in tree]
+    if isinstance(tree, np.ndarray):
+        return tree.tolist()
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_state: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Starts an asynchronous save of ``state`` and ``data_state`` at ``step``.
+
+    ``metrics`` (with ``test_neg_elbo``) marks a checkpoint as a candidate for "best".
+    """
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=ocp.args.JsonSave(_jsonable(data_state)),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ())) for p, v in flat}
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+    """Raises :class:`CheckpointError` if the saved tree or shapes differ from ``target``."""
+    try:
+        meta = manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
+        raise corrupt_error(manager, step, e) from e
+    if meta is None:
+        raise corrupt_error(manager, step, "no state metadata")
+    saved, wanted = _shapes(meta), _shapes(target)
+    # orbax stores a TrainState dataclass as a dict: compare on the leaf paths' last parts.
+    saved = {_norm(k): v for k, v in saved.items()}
+    wanted = {_norm(k): v for k, v in wanted.items()}
+    if saved != wanted:
+        diff = [
+            f"{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}"
+            for k in sorted(saved.keys() | wanted.keys())
+            if saved.get(k) != wanted.get(k)
+        ]
+        raise CheckpointError(
+            f"The checkpoint at step {step} in {manager.directory} was written by a different "
+            f"model (parameter tree differs):\n  "
+            + "\n  ".join(diff[:10])
+            + ("\n  ..." if len(diff) > 10 else "")
+            + "\nUse a fresh --workdir for this config, or the config that wrote this workdir."
+        )
+
+
+def _norm(path: str) -> str:
+    # "['params']['x']" and ".params['x']" both -> "params/x"
+    for ch in "[]'\".":
+        path = path.replace(ch, "/")
+    return "/".join(p for p in path.split("/") if p)
+
+
+def corrupt_error(manager: ocp.CheckpointManager, step: int, cause: Any) -> CheckpointError:
+    path = Path(manager.directory) / str(step)
+    return CheckpointError(
+        f"Checkpoint {path} could not be read ({cause}). It is probably incomplete or corrupt "
+        f"(e.g. the run was killed while writing it). Delete that folder (rm -r {path}) to "
+        f"resume from the previous checkpoint, or start over with a fresh --workdir."
+    )
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """``(state, data_state)`` at ``step``; ``target`` is the abstract (ShapeDtypeStruct) state."""
+    check_compatible(manager, step, target)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data_iter=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - report any read failure the same, actionable way
+        raise corrupt_error(manager, step, f"{type(e).__name__}: {e}") from e
+    return restored["state"], restored["data_iter"]
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Waits for pending asynchronous saves, then releases the manager."""
+    manager.wait_until_finished()
+    manager.close()
+
+
+__all__ = [
+    "BEST_METRIC",
+    "CheckpointError",
+    "check_compatible",
+    "close",
+    "corrupt_error",
+    "create_manager",
+    "restore",
+    "save",
+]

@@ -1,0 +1,187 @@
+"""End-to-end training on tfds mock data over 8 CPU devices: outputs, resume, reuse, bad input.
+
+The runs share one module-scoped workdir set-up so the step functions compile once (the
+compiled programs are cached per config in ``train_lib``).
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxvae import checkpointing, config_utils, train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_EXAMPLES = 40  # mock split size: eval batches of 16 -> 16, 16, 8 real + 8 masked
+CONTRACT_KEYS = {
+    "step",
+    "test_neg_elbo",
+    "test_kl",
+    "test_nll_iwae",
+    "iwae_samples",
+    "test_bits_per_dim",
+    "train_images_per_second",
+}
+
+
+def tiny_config(**overrides):
+    config = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        yield
+
+
+def snapshot(workdir: Path) -> dict[str, str]:
+    """Path -> content hash of every file under ``workdir``."""
+    return {
+        str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(workdir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def final_params(workdir: Path, config) -> dict:
+    """The parameters of the latest checkpoint, as NumPy."""
+    s = train_lib._setup(config, workdir, for_training=False)
+    try:
+        state, _ = checkpointing.restore(s.manager, s.manager.latest_step(), s.target)
+    finally:
+        checkpointing.close(s.manager)
+    return jax.device_get(
+        {
+            "params": state.params,
+            "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state,
+            "step": state.step,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(mock, tmp_path_factory):
+    """4 steps in one go (log every 2, checkpoint every 2, eval at 4)."""
+    workdir = tmp_path_factory.mktemp("full")
+    results = train_lib.train_and_evaluate(tiny_config(), workdir)
+    return workdir, results
+
+
+def test_end_to_end_outputs(full_run):
+    workdir, results = full_run
+    assert jax.device_count() == 8
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert CONTRACT_KEYS <= set(on_disk)
+    assert on_disk["step"] == 4 and on_disk["iwae_samples"] == 4
+    assert on_disk["num_devices"] == 8
+    # Negative ELBO = -reconstruction + KL; the K=4 IWAE bound is tighter on average, and
+    # bits/dim is nll / (784 ln 2).
+    np.testing.assert_allclose(
+        on_disk["test_neg_elbo"], -on_disk["test_reconstruction"] + on_disk["test_kl"], rtol=1e-5
+    )
+    assert on_disk["test_kl"] > 0 and on_disk["test_nll_iwae"] > 0
+    assert on_disk["test_nll_iwae"] < on_disk["test_neg_elbo"] + 5.0
+    np.testing.assert_allclose(
+        on_disk["test_bits_per_dim"], on_disk["test_nll_iwae"] / (784 * np.log(2)), rtol=1e-5
+    )
+    assert on_disk["train_images_per_second"] > 0
+
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert {"train_loss", "train_kl", "train_images_per_second", "train_learning_rate"} <= set(
+        lines[0]
+    )
+    assert "test_neg_elbo" in lines[1] and "test_neg_elbo" not in lines[0]
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]  # it learns (lr 1e-2, 4 steps)
+
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["name"] == "tiny" and config["model"]["hidden_dims"] == [8, 16]
+    assert list(workdir.glob("events.out.tfevents.*"))
+    for name in ("reconstructions", "samples", "interpolation"):
+        png = workdir / "images" / f"{name}_step00000004.png"
+        assert png.stat().st_size > 100
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_eval_covers_whole_split_with_masked_padding(full_run, mock):
+    workdir, results = full_run
+    out = train_lib.evaluate_workdir(tiny_config(), workdir)
+    # 40 examples in batches of 16: the padded 8 of the last batch are not counted.
+    assert out["num_examples"] == NUM_EXAMPLES
+    assert out["step"] == 4
+    # Evaluation is deterministic given the seed: same numbers as at the end of training.
+    for k in ("test_neg_elbo", "test_kl", "test_nll_iwae"):
+        np.testing.assert_allclose(out[k], results[k], rtol=1e-5)
+    assert (workdir / "eval_results.json").exists()
+    paths = train_lib.sample_workdir(tiny_config(), workdir, which="best")
+    assert {p.name for p in paths} >= {"samples_step00000004.png"}
+    assert all(p.parent == workdir / "samples" and p.stat().st_size > 100 for p in paths)
+
+
+def test_resume_is_exact(full_run, mock, tmp_path):
+    """2 steps, stop, resume to 4 == 4 steps in one run (identical parameters on CPU)."""
+    workdir, _ = full_run
+    half = tmp_path / "half"
+    train_lib.train_and_evaluate(tiny_config(num_train_steps=2), half)
+    assert (half / "checkpoints" / "2").exists()
+    resumed = train_lib.train_and_evaluate(tiny_config(), half)
+    assert resumed["step"] == 4
+    a = final_params(workdir, tiny_config())
+    b = final_params(half, tiny_config())
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    # metrics.jsonl holds one history: steps 2 (+ test at 2), 4.
+    steps = [json.loads(x)["step"] for x in (half / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_workdir_with_other_model_is_refused_and_untouched(full_run, mock):
+    workdir, _ = full_run
+    before = snapshot(workdir)
+    other = tiny_config()
+    other.model.latent_dim = 5
+    with pytest.raises(train_lib.WorkdirMismatchError, match="latent_dim: 4 -> 5"):
+        train_lib.train_and_evaluate(other, workdir)
+    # Same with a config.json that hides the change: the checkpoint's shapes catch it.
+    copy = workdir.parent / "mismatch_copy"
+    shutil.copytree(workdir, copy)
+    (copy / "config.json").unlink()
+    with pytest.raises(checkpointing.CheckpointError, match="different model"):
+        train_lib.train_and_evaluate(other, copy)
+    assert snapshot(workdir) == before
+    assert not (copy / "config.json").exists()
+
+
+def test_cli_exit_codes_in_process(full_run, mock, capsys):
+    sys.path.insert(0, str(ROOT))  # train.py is a script at the repository root
+    import train
+
+    workdir, _ = full_run
+    before = snapshot(workdir)
+    argv = ["train.py", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]
+    with pytest.raises(SystemExit) as e:
+        train.run([*argv, "--config.model.latent_dim=5"])
+    assert e.value.code == 1
+    assert "different model" in capsys.readouterr().err
+    assert snapshot(workdir) == before
+
+
+def test_corrupt_checkpoint_gives_actionable_error(full_run, mock, tmp_path):
+    workdir, _ = full_run
+    copy = tmp_path / "corrupt"
+    shutil.copytree(workdir, copy)
+    for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpointing.CheckpointError, match=r"rm -r .*checkpoints/4"):
+        train_lib.train_and_evaluate(tiny_config(), copy)
