@@ -73,9 +73,6 @@ def make_eval_step(
             PartitionSpec(),
         ),
         out_specs=PartitionSpec(),
-        # No gradients here, so the varying/invariant typing buys nothing; it would also reject
-        # scan carries initialised with constants inside user code (losses.iwae_log_likelihood).
-        check_vma=False,
     )
     return jax.jit(sharded)
 

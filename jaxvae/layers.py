@@ -52,6 +52,8 @@ Rearranged kernels are built from the same ``kernel`` parameter inside the trace
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -370,11 +372,11 @@ _CONV_T = {
 }
 
 
-class Conv3x3Stride2(nn.Module):
-    """PyTorch ``Conv2d(kernel_size=3, stride=2, padding=1)`` in NHWC.
+class _Conv3x3Base(nn.Module):
+    """Shared body of the three layers: own ``kernel``/``bias``, dispatch on ``impl``.
 
-    x: [N, H, W, C_in] -> [N, ceil(H/2), ceil(W/2), features]. ``impl``: see the module
-    docstring ("auto" | "xla" | "subpixel"); every choice computes the same function.
+    Subclasses set ``_impls`` (formulation name -> ``fn(x, kernel)``) and ``_transposed``
+    (kernel layout ``[3, 3, features, C_in]`` instead of ``[3, 3, C_in, features]``).
     """
 
     features: int
@@ -382,16 +384,31 @@ class Conv3x3Stride2(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
+    _impls: ClassVar[dict[str, Callable[[jax.Array, jax.Array], jax.Array]]] = {}
+    _transposed: ClassVar[bool] = False
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        fn = _CONV[resolve_impl(self.impl)]
-        _check_input(self, x, in_axis=2)
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
+        fn = self._impls[resolve_impl(self.impl)]
+        _check_input(self, x, in_axis=3 if self._transposed else 2)
+        c_in = x.shape[-1]
+        shape = (3, 3, self.features, c_in) if self._transposed else (3, 3, c_in, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", self.bias_init, (self.features,))
         return fn(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
 
 
-class Conv3x3(nn.Module):
+class Conv3x3Stride2(_Conv3x3Base):
+    """PyTorch ``Conv2d(kernel_size=3, stride=2, padding=1)`` in NHWC.
+
+    x: [N, H, W, C_in] -> [N, ceil(H/2), ceil(W/2), features]. ``impl``: see the module
+    docstring ("auto" | "xla" | "subpixel" | "gemm"); every choice computes the same function.
+    """
+
+    _impls = _CONV
+
+
+class Conv3x3(_Conv3x3Base):
     """PyTorch ``Conv2d(kernel_size=3, stride=1, padding=1)`` in NHWC.
 
     x: [N, H, W, C_in] -> [N, H, W, features]. The parameter tree of
@@ -401,39 +418,18 @@ class Conv3x3(nn.Module):
     phases) or "gemm" (:func:`conv3x3_gemm`); "auto" as for the strided layers.
     """
 
-    features: int
-    impl: str = "auto"
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        fn = _CONV_S1[resolve_impl(self.impl)]
-        _check_input(self, x, in_axis=2)
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        return fn(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    _impls = _CONV_S1
 
 
-class ConvTranspose3x3Stride2(nn.Module):
+class ConvTranspose3x3Stride2(_Conv3x3Base):
     """PyTorch ``ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`` in NHWC.
 
     x: [N, H, W, C_in] -> [N, 2H, 2W, features]. ``impl``: see the module docstring
-    ("auto" | "xla" | "subpixel"); every choice computes the same function.
+    ("auto" | "xla" | "subpixel" | "gemm"); every choice computes the same function.
     """
 
-    features: int
-    impl: str = "auto"
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        fn = _CONV_T[resolve_impl(self.impl)]
-        _check_input(self, x, in_axis=3)
-        kernel = self.param("kernel", self.kernel_init, (3, 3, self.features, x.shape[-1]))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        return fn(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    _impls = _CONV_T
+    _transposed = True
 
 
 __all__ = [

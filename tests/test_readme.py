@@ -20,3 +20,11 @@ def test_losses_example_runs(capsys):
     # The example's numbers are real: the printed values parse as finite floats.
     numbers = [float(v) for v in re.findall(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?", out)]
     assert len(numbers) == 2 and all(v == v and abs(v) < 1e6 for v in numbers)
+
+
+def test_model_example_runs():
+    code = _python_block_after("## The model: `jaxvae.models.VAE`")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["samples"].shape == (16, 28, 28, 1)
+    assert scope["outputs"].shape == (8, 28, 28, 1) and scope["elbo"].shape == (8,)
