@@ -1,0 +1,262 @@
+"""Training-step and IWAE-evaluation throughput of jaxvae.
+
+Benchmarks the step ``train.py`` runs (``jaxvae.train_step.make_train_step``: forward + backward
+of the configured objective + the optax update, jitted, ``shard_map`` over a ``data`` mesh,
+state donated) on random images of the config's shape, and reports:
+
+- ``images/s``: median over ``--windows`` timed windows of ``--steps`` steps each, after
+  warm-up. Steps are dispatched back to back; the host waits only at the end of a window
+  (as ``train.py`` does between logging steps), so the figure includes no per-step host sync.
+  The batches are placed on the devices beforehand (the input pipeline's cost is not measured).
+- ``compile_s``: wall time of ``step.lower(...).compile()``.
+- ``peak_rss_mib``: the process's peak resident memory (``resource.getrusage``), and
+  ``peak_device_mib`` where the backend reports ``memory_stats()['peak_bytes_in_use']``
+  (GPU/TPU; the CPU backend reports nothing).
+
+With ``--eval``: the evaluation step of ``jaxvae.evaluate`` (ELBO + IWAE with
+``--iwae-samples`` K, decoded ``--iwae-chunk`` at a time), reported as posterior samples
+decoded per second (``K * batch / time``).
+
+Examples (CPU; ``--num-devices N > 1`` splits the CPU into N XLA host devices)::
+
+    python benchmarks/throughput.py --config seed
+    python benchmarks/throughput.py --config mnist --conv-impl xla gemm --json out.json
+    python benchmarks/throughput.py --config mnist --eval --iwae-samples 5000 --iwae-chunk 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = {"seed": "celeba.py", "mnist": "mnist.py"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _set_host_devices(num_devices: int) -> None:
+    """Must run before jax initialises its backends."""
+    if num_devices > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}"
+
+
+def load_config(name: str, batch_size: int | None = None, conv_impl: str | None = None):
+    """The experiment config ``configs/celeba.py`` (seed) or ``configs/mnist.py``."""
+    from jaxvae import config_utils
+
+    config = config_utils.load_config_file(ROOT / "configs" / CONFIGS[name])
+    if batch_size:
+        config.batch_size = batch_size
+    if conv_impl:
+        config.model.conv_impl = conv_impl
+    return config
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the config's data without touching the dataset."""
+    size = config.data.image_size
+    if config.data.name in ("mnist", "fashion_mnist", "binarized_mnist"):
+        return (size or 28, size or 28, 1)
+    if config.data.name == "cifar10":
+        return (size or 32, size or 32, 3)
+    return (size, size, 3)
+
+
+def random_images(config, key, shape) -> Any:
+    """Images in the data's range: {0, 1} for Bernoulli, [-1, 1] (or [0, 1]) for Gaussian."""
+    import jax
+
+    if config.model.likelihood == "bernoulli":
+        return jax.random.bernoulli(key, 0.3, shape).astype("float32")
+    low = -1.0 if config.data.pixel_range == "symmetric" else 0.0
+    return jax.random.uniform(key, shape, minval=low, maxval=1.0)
+
+
+class TrainBench:
+    """A compiled train step, its state and device-resident batches; ``run(n)`` times n steps."""
+
+    def __init__(self, config, num_devices: int = 1, num_batches: int = 2):
+        import jax
+
+        from jaxvae import optim, train_state, train_step
+
+        self.config = config
+        devices = jax.devices()[:num_devices]
+        if len(devices) < num_devices:
+            raise ValueError(f"asked for {num_devices} devices, only {len(devices)} available")
+        mesh = train_step.make_mesh(devices)
+        shape = image_shape(config)
+        model = train_state.build_model(config, shape, axis_name=train_step.DATA_AXIS)
+        tx, _ = optim.create_optimizer(config.optimizer, config.num_train_steps, 1000)
+        self.state = train_state.replicate(
+            train_state.init_train_state(model, tx, config.seed), mesh
+        )
+        keys = jax.random.split(jax.random.key(1), num_batches)
+        self.batches = [
+            train_step.shard_batch(
+                jax.device_get(random_images(config, k, (config.batch_size, *shape))), mesh
+            )
+            for k in keys
+        ]
+        step = train_step.make_train_step(model, tx, config, mesh, config.batch_size)
+        t0 = time.perf_counter()
+        self.step = step.lower(self.state, self.batches[0]).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.batch_size = config.batch_size
+        self._i = 0
+
+    def run(self, num_steps: int) -> float:
+        """Runs ``num_steps`` steps; returns images/s (one host sync, at the end)."""
+        import jax
+
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            self.state, metrics = self.step(self.state, self.batches[self._i % len(self.batches)])
+            self._i += 1
+        jax.block_until_ready(self.state)
+        return num_steps * self.batch_size / (time.perf_counter() - t0)
+
+
+class EvalBench:
+    """The jaxvae.evaluate step (ELBO + IWAE) on one batch; ``run(n)`` -> samples/s."""
+
+    def __init__(self, config, num_devices: int, iwae_samples: int, iwae_chunk: int):
+        import jax
+
+        from jaxvae import evaluate, train_state, train_step
+
+        config.eval.iwae_samples = iwae_samples
+        config.eval.iwae_chunk_size = iwae_chunk
+        devices = jax.devices()[:num_devices]
+        mesh = train_step.make_mesh(devices)
+        shape = image_shape(config)
+        model = train_state.build_model(config, shape, axis_name=train_step.DATA_AXIS)
+        variables = model.init(
+            {"params": jax.random.key(0)}, jax.numpy.zeros((1, *shape)), jax.random.key(0)
+        )
+        self.variables = train_state.replicate(variables, mesh)
+        batch = config.eval.batch_size
+        images = jax.device_get(random_images(config, jax.random.key(2), (batch, *shape)))
+        self.images = train_step.shard_batch(images, mesh)
+        self.mask = train_step.shard_batch(jax.numpy.ones((batch,), bool), mesh)
+        self.key = jax.random.key(3)
+        step = evaluate.make_eval_step(model, config, mesh)
+        t0 = time.perf_counter()
+        self.step = step.lower(self.variables, self.images, self.mask, self.key).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.samples_per_call = iwae_samples * batch
+
+    def run(self, num_steps: int) -> float:
+        import jax
+
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            out = self.step(self.variables, self.images, self.mask, self.key)
+        jax.block_until_ready(out)
+        return num_steps * self.samples_per_call / (time.perf_counter() - t0)
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak process RSS (MiB) and, where reported, peak device memory (MiB)."""
+    import jax
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"peak_rss_mib": rss, "peak_device_mib": peak / 2**20 if peak else None}
+
+
+def measure(bench, warmup: int, windows: int, steps: int) -> dict[str, Any]:
+    import numpy as np
+
+    bench.run(warmup)
+    rates = [bench.run(steps) for _ in range(windows)]
+    return {"rate_median": float(np.median(rates)), "rates": rates}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), nargs="+", default=["seed", "mnist"])
+    p.add_argument("--batch-size", type=int, help="global batch (default: the config's)")
+    p.add_argument("--num-devices", type=int, default=1)
+    p.add_argument(
+        "--conv-impl",
+        nargs="+",
+        default=["auto"],
+        help="jaxvae.layers impl(s): auto | xla | subpixel | gemm",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--eval", action="store_true", help="benchmark the IWAE evaluation instead")
+    p.add_argument("--iwae-samples", type=int, default=5000)
+    p.add_argument("--iwae-chunk", type=int, default=500)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--json", type=str, help="write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    _set_host_devices(args.num_devices)
+    import jax
+
+    from jaxvae import layers
+
+    rows = []
+    for name in args.config:
+        for impl in args.conv_impl:
+            config = load_config(name, args.batch_size, impl)
+            if args.eval:
+                config.eval.batch_size = args.eval_batch_size
+                bench = EvalBench(config, args.num_devices, args.iwae_samples, args.iwae_chunk)
+                unit = "samples/s"
+            else:
+                bench = TrainBench(config, args.num_devices)
+                unit = "images/s"
+            m = measure(bench, args.warmup, args.windows, args.steps)
+            row = {
+                "config": name,
+                "benchmark": "eval_iwae" if args.eval else "train_step",
+                "backend": jax.default_backend(),
+                "num_devices": args.num_devices,
+                "batch_size": config.eval.batch_size if args.eval else config.batch_size,
+                "conv_impl": impl,
+                "resolved_impl": layers.resolve_impl(impl),
+                "unit": unit,
+                "rate": m["rate_median"],
+                "rates": m["rates"],
+                "compile_s": bench.compile_s,
+                **peak_memory(),
+            }
+            if args.eval:
+                row.update(iwae_samples=args.iwae_samples, iwae_chunk=args.iwae_chunk)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
+
+    print()
+    hdr = f"{'config':6s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
+    hdr += (
+        f"{'rate':>10s} {'unit':9s} {'compile_s':>9s} {'peak_rss_MiB':>12s} {'peak_dev_MiB':>12s}"
+    )
+    print(hdr)
+    for r in rows:
+        dev = f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "n/a"
+        impl_col = f"{r['conv_impl']}/{r['resolved_impl']}"
+        print(
+            f"{r['config']:6s} {r['benchmark']:10s} {impl_col:13s} "
+            f"{r['num_devices']:3d} {r['batch_size']:5d} {r['rate']:10.1f} {r['unit']:9s} "
+            f"{r['compile_s']:9.1f} {r['peak_rss_mib']:12.0f} {dev:>12s}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
