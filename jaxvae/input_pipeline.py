@@ -152,6 +152,26 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
     )
 
 
+def _prepare_for_batches(
+    data_config: Any, batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[_Options, Any, dict[str, Any]]:
+    """Shared start of the batch factories: options, prepared builder, common iterator kwargs.
+
+    The process layout is checked before any data work, so a bad batch size fails fast.
+    """
+    opts = _options(data_config)
+    pi, pc = _process(process_index, process_count)
+    memory.check_sharding(batch_size, pi, pc)
+    common = {
+        "process_index": pi,
+        "process_count": pc,
+        "binarize": opts.binarize,
+        "pixel_range": opts.pixel_range,
+        "max_value": prepare.max_pixel_value(opts.name),
+    }
+    return opts, _builder(opts), common
+
+
 def create_train_iterator(
     data_config: Any,
     global_batch_size: int,
@@ -172,35 +192,21 @@ def create_train_iterator(
     Raises:
       ValueError when global_batch_size is not divisible by process_count.
     """
-    opts = _options(data_config)
-    pi, pc = _process(process_index, process_count)
-    memory.check_sharding(global_batch_size, pi, pc)  # fail before any data work
-    builder = _builder(opts)
-    max_value = prepare.max_pixel_value(opts.name)
+    opts, builder, common = _prepare_for_batches(
+        data_config, global_batch_size, process_index, process_count
+    )
     if opts.in_memory:
-        return memory.InMemoryTrainIterator(
-            _images(builder, opts, opts.train_split),
-            global_batch_size,
-            seed,
-            process_index=pi,
-            process_count=pc,
-            binarize=opts.binarize,
-            pixel_range=opts.pixel_range,
-            max_value=max_value,
-        )
+        images = _images(builder, opts, opts.train_split)
+        return memory.InMemoryTrainIterator(images, global_batch_size, seed, **common)
     return streaming.StreamingTrainIterator(
         builder,
         opts.train_split,
         global_batch_size,
         seed,
-        process_index=pi,
-        process_count=pc,
         shuffle_buffer=opts.shuffle_buffer,
         center_crop=opts.center_crop,
         image_size=opts.image_size,
-        binarize=opts.binarize,
-        pixel_range=opts.pixel_range,
-        max_value=max_value,
+        **common,
     )
 
 
@@ -217,30 +223,17 @@ def create_eval_batches(
     batch is padded with zero images whose mask is False; every process yields the same
     number of batches. Binarization of eval data uses a fixed seed.
     """
-    opts = _options(data_config)
-    pi, pc = _process(process_index, process_count)
-    memory.check_sharding(batch_size, pi, pc)
-    builder = _builder(opts)
-    max_value = prepare.max_pixel_value(opts.name)
+    opts, builder, common = _prepare_for_batches(
+        data_config, batch_size, process_index, process_count
+    )
     if opts.in_memory:
-        return memory.eval_batches(
-            _images(builder, opts, opts.eval_split),
-            batch_size,
-            process_index=pi,
-            process_count=pc,
-            binarize=opts.binarize,
-            pixel_range=opts.pixel_range,
-            max_value=max_value,
-        )
+        images = _images(builder, opts, opts.eval_split)
+        return memory.eval_batches(images, batch_size, **common)
     return streaming.eval_batches(
         builder,
         opts.eval_split,
         batch_size,
-        process_index=pi,
-        process_count=pc,
         center_crop=opts.center_crop,
         image_size=opts.image_size,
-        binarize=opts.binarize,
-        pixel_range=opts.pixel_range,
-        max_value=max_value,
+        **common,
     )
