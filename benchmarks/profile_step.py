@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import add_malloc_flag, set_malloc  # noqa: E402  (imports no jax)
 
 
 def main() -> None:
@@ -28,7 +29,9 @@ def main() -> None:
     p.add_argument("--conv-impl", default="auto")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=30)
+    add_malloc_flag(p)
     args = p.parse_args()
+    set_malloc(args.malloc)
 
     import jax
     from tensorflow.tsl.profiler.protobuf import xplane_pb2

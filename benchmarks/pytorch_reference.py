@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import add_malloc_flag, set_malloc  # noqa: E402  (imports no jax)
 
 
 def build_torch_vae(torch, latent_dim, hidden_dims, image_shape, output_activation):
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per window")
     p.add_argument("--json", type=str)
+    add_malloc_flag(p)
     args = p.parse_args(argv)
+    set_malloc(args.malloc)  # one malloc for both sides: they share the process
 
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     import jax
     from throughput import TrainBench, image_shape, load_config
+
+    from jaxvae import host_memory
 
     results = []
     for name in args.config:
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "conv_impl": args.conv_impl,
             "jax_compile_s": benches["jax"].compile_s,
             "torch_version": torch.__version__,
+            "hugepage_malloc": host_memory.hugepages_active(),
             "images_per_s": {k: float(np.median(v)) for k, v in rates.items()},
             "windows": rates,
         }
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    print()
+    print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
     print(
         f"{'config':6s} {'batch':>5s} {'threads':>7s} "
         + " ".join(

@@ -46,6 +46,36 @@ def _set_host_devices(num_devices: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}"
 
 
+def set_malloc(choice: str) -> None:
+    """``hugepages``: what ``train.py`` does (``jaxvae.host_memory``); ``default``: glibc as is.
+
+    Both re-execute the command line when the process does not match the choice yet, so this
+    must run before jax (or torch) is imported.
+    """
+    from jaxvae import host_memory
+
+    if choice == "hugepages":
+        host_memory.reexec_with_hugepages()
+    elif host_memory.hugepages_active():
+        env = dict(os.environ, **{host_memory.OPT_OUT_VAR: "0"})
+        tunables = env.pop("GLIBC_TUNABLES").split(":")
+        kept = [t for t in tunables if t and not t.startswith(host_memory.TUNABLE + "=")]
+        if kept:
+            env["GLIBC_TUNABLES"] = ":".join(kept)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def add_malloc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--malloc",
+        choices=["hugepages", "default"],
+        default="hugepages",
+        help="hugepages: glibc.malloc.hugetlb=1, as train.py runs (jaxvae/host_memory.py); "
+        "default: glibc's default malloc",
+    )
+
+
 def load_config(name: str, batch_size: int | None = None, conv_impl: str | None = None):
     """The experiment config ``configs/celeba.py`` (seed) or ``configs/mnist.py``."""
     from jaxvae import config_utils
@@ -201,12 +231,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--iwae-chunk", type=int, default=500)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--json", type=str, help="write the results to this JSON file")
+    add_malloc_flag(p)
     args = p.parse_args(argv)
 
+    set_malloc(args.malloc)
     _set_host_devices(args.num_devices)
     import jax
 
-    from jaxvae import layers
+    from jaxvae import host_memory, layers
 
     rows = []
     for name in args.config:
@@ -232,6 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "rate": m["rate_median"],
                 "rates": m["rates"],
                 "compile_s": bench.compile_s,
+                "hugepage_malloc": host_memory.hugepages_active(),
                 **peak_memory(),
             }
             if args.eval:
@@ -239,7 +272,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
 
-    print()
+    print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
     hdr = f"{'config':6s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
     hdr += (
         f"{'rate':>10s} {'unit':9s} {'compile_s':>9s} {'peak_rss_MiB':>12s} {'peak_dev_MiB':>12s}"

@@ -29,7 +29,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxvae import checkpointing, config_utils, evaluate, input_pipeline, optim, reporting
+from jaxvae import (
+    checkpointing,
+    config_utils,
+    evaluate,
+    host_memory,
+    input_pipeline,
+    optim,
+    reporting,
+)
 from jaxvae import train_state as ts
 from jaxvae.train_step import DATA_AXIS, make_mesh, make_train_step, shard_batch
 
@@ -277,7 +285,8 @@ def train_and_evaluate(
         progress.message(f"Resumed from {workdir / 'checkpoints'} at step {start_step}.")
     progress.message(
         f"Training {cfg.name} on {s.mesh.size} device(s) ({jax.devices()[0].platform}), "
-        f"global batch {cfg.batch_size}, {cfg.num_train_steps} steps, workdir {workdir}."
+        f"global batch {cfg.batch_size}, {cfg.num_train_steps} steps, workdir {workdir}"
+        f"{'; huge-page malloc' if host_memory.hugepages_active() else ''}."
     )
 
     last_eval: dict[str, float] | None = None

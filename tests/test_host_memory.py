@@ -1,0 +1,66 @@
+"""jaxvae.host_memory: when the process is restarted with huge-page malloc, and that it is."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxvae import host_memory as hm
+
+LINUX = dict(system="Linux", glibc=(2, 36), thp_mode="madvise")
+
+
+def test_adds_the_tunable_on_linux_glibc():
+    env = hm.hugepage_environ({"PATH": "/bin"}, **LINUX)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def test_keeps_other_tunables():
+    env = hm.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize(
+    "environ, machine",
+    [
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, LINUX),  # the user decided
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, LINUX),  # already restarted
+        ({"JAXVAE_HUGEPAGES": "0"}, LINUX),
+        ({"JAXVAE_HUGEPAGES": "off"}, LINUX),
+        ({}, dict(LINUX, system="Darwin")),
+        ({}, dict(LINUX, glibc=(2, 31))),  # the tunable exists from glibc 2.35
+        ({}, dict(LINUX, thp_mode="never")),
+    ],
+)
+def test_leaves_the_process_alone(environ, machine):
+    assert hm.hugepage_environ(environ, **machine) is None
+
+
+def test_reexec_restarts_once_with_the_same_command_line(tmp_path):
+    """A script that calls reexec_with_hugepages runs its body once, in the restarted process."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            from jaxvae import host_memory
+            print("start", os.getpid(), flush=True)
+            host_memory.reexec_with_hugepages()
+            print("body", host_memory.hugepages_active(), sys.argv[1:], flush=True)
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXVAE_HUGEPAGES")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "a", "--b=1"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    expected = hm.hugepage_environ(env) is not None  # what this machine supports
+    starts = [line for line in lines if line.startswith("start")]
+    assert len(starts) == (2 if expected else 1)
+    assert len({s.split()[1] for s in starts}) == 1  # execve keeps the PID
+    assert lines[-1] == f"body {expected} ['a', '--b=1']"
+    assert sum(line.startswith("body") for line in lines) == 1
