@@ -358,13 +358,14 @@ def _tap_spread_planar(g: jax.Array) -> jax.Array:
     (``[C, N, H, W]`` planes, so every shifted copy moves whole image rows) and transposed once
     at the end: gathering an RGB output's gradient in NHWC moves 3-float pieces and was the
     slowest op of the seed VAE's step (whole step about 1.05x faster this way, same-process
-    A/B). For ``C == 1`` (MNIST) the NHWC gather is kept: there the final transpose costs
-    more than it saves (about 0.97x).
+    A/B). For ``C == 1`` (MNIST) the gather stays in NHWC: there the final transpose cost
+    more than it saved (about 0.97x).
     """
     n, h, w, c = g.shape
-    if c == 1:  # autodiff's own transpose of the NHWC gather
-        z = jax.ShapeDtypeStruct((n, h, w, 3, 3, c), g.dtype)
-        return jax.linear_transpose(_tap_sum_gather, z)(g)[0]
+    if c == 1:
+        gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        planes = [gp[:, 2 - a : 2 - a + h, 2 - b : 2 - b + w] for a in range(3) for b in range(3)]
+        return jnp.stack(planes, axis=3).reshape(n, h, w, 3, 3, c)
     gp = jnp.pad(g.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))  # [C, N, H+2, W+2]
     planes = [gp[:, :, 2 - a : 2 - a + h, 2 - b : 2 - b + w] for a in range(3) for b in range(3)]
     return jnp.stack(planes).reshape(3, 3, c, n, h, w).transpose(3, 4, 5, 0, 1, 2)
