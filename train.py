@@ -18,7 +18,7 @@ from pathlib import Path
 
 if __name__ == "__main__":
     # Before jax is imported: restart with huge-page malloc where it helps (see
-    # jaxvae/host_memory.py: about 1.3x on the CPU training step; JAXVAE_HUGEPAGES=0 opts out).
+    # jaxvae/host_memory.py: about 1.2-1.3x on the CPU training step; JAXVAE_HUGEPAGES=0 opts out).
     from jaxvae import host_memory
 
     host_memory.reexec_with_hugepages()

@@ -56,14 +56,8 @@ def set_malloc(choice: str) -> None:
 
     if choice == "hugepages":
         host_memory.reexec_with_hugepages()
-    elif host_memory.hugepages_active():
-        env = dict(os.environ, **{host_memory.OPT_OUT_VAR: "0"})
-        tunables = env.pop("GLIBC_TUNABLES").split(":")
-        kept = [t for t in tunables if t and not t.startswith(host_memory.TUNABLE + "=")]
-        if kept:
-            env["GLIBC_TUNABLES"] = ":".join(kept)
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    else:
+        host_memory.reexec_with_default_malloc()
 
 
 def add_malloc_flag(p: argparse.ArgumentParser) -> None:

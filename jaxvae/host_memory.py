@@ -57,6 +57,11 @@ def _thp_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def _tunables(environ: Mapping[str, str]) -> list[str]:
+    """The ``name=value`` items of ``GLIBC_TUNABLES``."""
+    return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def hugepage_environ(
     environ: Mapping[str, str],
     *,
@@ -72,7 +77,7 @@ def hugepage_environ(
     if environ.get(OPT_OUT_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(t.split("=", 1)[0] == TUNABLE for t in tunables.split(":") if t):
+    if any(t.split("=", 1)[0] == TUNABLE for t in _tunables(environ)):
         return None
     system = platform.system() if system is None else system
     glibc = _glibc_version() if glibc is None else glibc
@@ -93,8 +98,23 @@ def reexec_with_hugepages() -> None:
     ...`` and interpreter options included).
     """
     env = hugepage_environ(os.environ)
-    if env is None:
+    if env is not None:
+        _reexec(env)
+
+
+def reexec_with_default_malloc() -> None:
+    """The opposite, for benchmarks: restarts without the tunable (and opted out) if it is on."""
+    if not hugepages_active():
         return
+    env = dict(os.environ, **{OPT_OUT_VAR: "0"})
+    kept = [t for t in _tunables(env) if t.split("=", 1)[0] != TUNABLE]
+    env.pop("GLIBC_TUNABLES")
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    _reexec(env)
+
+
+def _reexec(env: dict[str, str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
@@ -102,5 +122,4 @@ def reexec_with_hugepages() -> None:
 
 def hugepages_active() -> bool:
     """Whether this process was started with glibc's huge-page malloc tunable."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return f"{TUNABLE}=1" in tunables.split(":")
+    return f"{TUNABLE}=1" in _tunables(os.environ)

@@ -64,3 +64,23 @@ def test_reexec_restarts_once_with_the_same_command_line(tmp_path):
     assert len({s.split()[1] for s in starts}) == 1  # execve keeps the PID
     assert lines[-1] == f"body {expected} ['a', '--b=1']"
     assert sum(line.startswith("body") for line in lines) == 1
+
+
+def test_reexec_with_default_malloc_drops_only_the_hugepage_tunable(tmp_path):
+    """The benchmarks' ``--malloc default``: restarted without the tunable, others kept."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from jaxvae import host_memory
+            print("start", flush=True)
+            host_memory.reexec_with_default_malloc()
+            print(os.environ.get("GLIBC_TUNABLES"), os.environ.get("JAXVAE_HUGEPAGES"))
+            """
+        )
+    )
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["start", "start", "glibc.malloc.arena_max=2 0"]
