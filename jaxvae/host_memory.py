@@ -76,8 +76,8 @@ def hugepage_environ(
     """
     if environ.get(OPT_OUT_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(t.split("=", 1)[0] == TUNABLE for t in _tunables(environ)):
+    tunables = _tunables(environ)
+    if any(t.split("=", 1)[0] == TUNABLE for t in tunables):
         return None
     system = platform.system() if system is None else system
     glibc = _glibc_version() if glibc is None else glibc
@@ -85,7 +85,7 @@ def hugepage_environ(
     if system != "Linux" or glibc is None or glibc < (2, 35) or thp_mode in (None, "never"):
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{TUNABLE}=1"])
     return env
 
 

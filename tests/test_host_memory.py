@@ -38,26 +38,28 @@ def test_leaves_the_process_alone(environ, machine):
     assert hm.hugepage_environ(environ, **machine) is None
 
 
-def test_reexec_restarts_once_with_the_same_command_line(tmp_path):
-    """A script that calls reexec_with_hugepages runs its body once, in the restarted process."""
+def _run_script(tmp_path, body: str, env: dict[str, str], *args: str) -> list[str]:
+    """Runs ``body`` as a script file (so that a restart re-runs it); its stdout lines."""
     script = tmp_path / "probe.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os, sys
-            from jaxvae import host_memory
-            print("start", os.getpid(), flush=True)
-            host_memory.reexec_with_hugepages()
-            print("body", host_memory.hugepages_active(), sys.argv[1:], flush=True)
-            """
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXVAE_HUGEPAGES")}
+    script.write_text(textwrap.dedent(body))
     proc = subprocess.run(
-        [sys.executable, str(script), "a", "--b=1"], env=env, capture_output=True, text=True
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    return proc.stdout.splitlines()
+
+
+def test_reexec_restarts_once_with_the_same_command_line(tmp_path):
+    """A script that calls reexec_with_hugepages runs its body once, in the restarted process."""
+    body = """
+        import os, sys
+        from jaxvae import host_memory
+        print("start", os.getpid(), flush=True)
+        host_memory.reexec_with_hugepages()
+        print("body", host_memory.hugepages_active(), sys.argv[1:], flush=True)
+        """
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXVAE_HUGEPAGES")}
+    lines = _run_script(tmp_path, body, env, "a", "--b=1")
     expected = hm.hugepage_environ(env) is not None  # what this machine supports
     starts = [line for line in lines if line.startswith("start")]
     assert len(starts) == (2 if expected else 1)
@@ -68,19 +70,13 @@ def test_reexec_restarts_once_with_the_same_command_line(tmp_path):
 
 def test_reexec_with_default_malloc_drops_only_the_hugepage_tunable(tmp_path):
     """The benchmarks' ``--malloc default``: restarted without the tunable, others kept."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os
-            from jaxvae import host_memory
-            print("start", flush=True)
-            host_memory.reexec_with_default_malloc()
-            print(os.environ.get("GLIBC_TUNABLES"), os.environ.get("JAXVAE_HUGEPAGES"))
-            """
-        )
-    )
+    body = """
+        import os
+        from jaxvae import host_memory
+        print("start", flush=True)
+        host_memory.reexec_with_default_malloc()
+        print(os.environ.get("GLIBC_TUNABLES"), os.environ.get("JAXVAE_HUGEPAGES"))
+        """
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["start", "start", "glibc.malloc.arena_max=2 0"]
+    lines = _run_script(tmp_path, body, env)
+    assert lines == ["start", "start", "glibc.malloc.arena_max=2 0"]
