@@ -17,8 +17,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxvae import input_pipeline
-from jaxvae.data import files as files_lib
+from jaxvae import config_utils, input_pipeline
 from jaxvae.data import memory, prepare, tf_support, transforms
 
 MNIST_FILES = [
@@ -46,6 +45,37 @@ def decode_index(batch_images: np.ndarray) -> np.ndarray:
     return np.rint(batch_images[:, 0, 0, 0] * 255).astype(int)
 
 
+def data_config(**fields):
+    """config.data: `config_utils.base_config()`'s defaults (binarize='dynamic'), then `fields`."""
+    data = config_utils.base_config().data
+    data.update(fields)
+    return data
+
+
+def train_iter(images, global_batch, seed, pi=0, pc=1, **pixels):
+    """In-memory training iterator over `images` (pixels: binarize, pixel_range, max_value)."""
+    spec = transforms.BatchSpec(global_batch, pi, pc, **pixels)
+    return memory.InMemoryTrainIterator(images, seed, spec)
+
+
+def eval_batches(images, batch, pi=0, pc=1, **pixels):
+    return memory.eval_batches(images, transforms.BatchSpec(batch, pi, pc, **pixels))
+
+
+def no_network(monkeypatch, why: str) -> list:
+    """Every HTTP request (tfds downloads with `requests`) fails; returns the requested URLs."""
+    import requests
+
+    urls = []
+
+    def request(self, method, url, *args, **kwargs):
+        urls.append(url)
+        raise requests.ConnectionError(why)
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    return urls
+
+
 # --- in-memory NumPy pipeline ------------------------------------------------------------
 
 
@@ -54,12 +84,12 @@ def test_resume_gives_the_same_batches(binarize):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 4, 4, 1), dtype=np.uint8)
     # batch 8 over 50 examples: batches straddle epoch boundaries
-    it = memory.InMemoryTrainIterator(images, 8, seed=7, binarize=binarize)
+    it = train_iter(images, 8, seed=7, binarize=binarize)
     for _ in range(9):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # must survive a JSON round trip
     expected = [next(it)["image"] for _ in range(10)]
-    resumed = memory.InMemoryTrainIterator(images, 8, seed=7, binarize=binarize)
+    resumed = train_iter(images, 8, seed=7, binarize=binarize)
     first = next(resumed)["image"]  # a fresh iterator's position is overwritten
     resumed.set_state(state)
     got = [next(resumed)["image"] for _ in range(10)]
@@ -70,15 +100,15 @@ def test_resume_gives_the_same_batches(binarize):
 
 def test_different_seed_gives_different_order():
     images = indexed_images(50)
-    a = memory.InMemoryTrainIterator(images, 10, seed=1)
-    b = memory.InMemoryTrainIterator(images, 10, seed=2)
+    a = train_iter(images, 10, seed=1)
+    b = train_iter(images, 10, seed=2)
     assert not np.array_equal(a.next_indices(), b.next_indices())
 
 
 @pytest.mark.parametrize("batch", [10, 8, 64])
 def test_every_epoch_covers_every_example_exactly_once(batch):
     n = 50
-    it = memory.InMemoryTrainIterator(indexed_images(n), batch, seed=3)
+    it = train_iter(indexed_images(n), batch, seed=3)
     num_epochs = 4
     stream = np.concatenate(
         [decode_index(next(it)["image"]) for _ in range(-(-num_epochs * n // batch))]
@@ -92,13 +122,12 @@ def test_every_epoch_covers_every_example_exactly_once(batch):
 @pytest.mark.parametrize("n", [48, 40])
 def test_process_shards_are_disjoint_and_cover_each_global_batch(n):
     global_batch, pc = 12, 4
-    its = [
-        memory.InMemoryTrainIterator(indexed_images(n), global_batch, 5, pi, pc) for pi in range(pc)
-    ]
-    assert all(it.local_batch_size == global_batch // pc for it in its)
-    single = memory.InMemoryTrainIterator(indexed_images(n), global_batch, 5)
+    its = [train_iter(indexed_images(n), global_batch, 5, pi, pc) for pi in range(pc)]
+    single = train_iter(indexed_images(n), global_batch, 5)
     for _ in range(12):  # 3 epochs of 48, 3.6 of 40
-        flat = np.concatenate([decode_index(next(it)["image"]) for it in its])
+        shards = [next(it)["image"] for it in its]
+        assert all(len(shard) == global_batch // pc for shard in shards)  # local batch size
+        flat = np.concatenate([decode_index(shard) for shard in shards])
         # The processes' rows, in process order, are exactly the single-process global batch.
         np.testing.assert_array_equal(flat, decode_index(next(single)["image"]))
         if n % global_batch == 0:  # no batch straddles two epochs: shards share no example
@@ -108,7 +137,7 @@ def test_process_shards_are_disjoint_and_cover_each_global_batch(n):
 def test_binarization_mean_matches_pixel_probability():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
-    it = memory.InMemoryTrainIterator(images, 16, seed=11, binarize="dynamic")
+    it = train_iter(images, 16, seed=11, binarize="dynamic")
     num_epochs = 50
     bits = np.stack([next(it)["image"] for _ in range(num_epochs * 4)])
     assert set(np.unique(bits).tolist()) == {0.0, 1.0}
@@ -128,8 +157,8 @@ def test_binarization_mean_matches_pixel_probability():
 
 def test_binarization_differs_between_batches_and_is_seeded():
     images = np.full((16, 8, 8, 1), 128, np.uint8)
-    a = memory.InMemoryTrainIterator(images, 16, seed=0, binarize="dynamic")
-    b = memory.InMemoryTrainIterator(images, 16, seed=0, binarize="dynamic")
+    a = train_iter(images, 16, seed=0, binarize="dynamic")
+    b = train_iter(images, 16, seed=0, binarize="dynamic")
     a1, a2 = next(a)["image"], next(a)["image"]
     assert not np.array_equal(a1, a2)
     np.testing.assert_array_equal(a1, next(b)["image"])
@@ -139,7 +168,7 @@ def test_binarization_differs_between_batches_and_is_seeded():
 def test_eval_batches_cover_the_split_once_with_mask(pc):
     n, batch = 53, 12
     images = indexed_images(n)
-    runs = [list(memory.eval_batches(images, batch, pi, pc)) for pi in range(pc)]
+    runs = [list(eval_batches(images, batch, pi, pc)) for pi in range(pc)]
     assert len({len(r) for r in runs}) == 1  # same number of batches on every process
     assert len(runs[0]) == -(-n // batch)
     seen = []
@@ -157,10 +186,8 @@ def test_eval_batches_cover_the_split_once_with_mask(pc):
 def test_eval_binarization_is_fixed():
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (30, 5, 5, 1), dtype=np.uint8)
-    a = np.concatenate([b["image"] for b in memory.eval_batches(images, 10, binarize="dynamic")])
-    b = np.concatenate(
-        [b["image"][b["mask"]] for b in memory.eval_batches(images, 7, binarize="dynamic")]
-    )
+    a = np.concatenate([b["image"] for b in eval_batches(images, 10, binarize="dynamic")])
+    b = np.concatenate([b["image"][b["mask"]] for b in eval_batches(images, 7, binarize="dynamic")])
     np.testing.assert_array_equal(a, b)  # same bits for any batch size and every evaluation
     assert set(np.unique(a).tolist()) == {0.0, 1.0}
 
@@ -170,27 +197,27 @@ def test_pixel_range_scaling():
     np.testing.assert_allclose(transforms.scale(x, "unit"), [0.0, 0.2, 1.0], atol=1e-7)
     np.testing.assert_allclose(transforms.scale(x, "symmetric"), [-1.0, -0.6, 1.0], atol=1e-6)
     np.testing.assert_array_equal(transforms.scale(np.array([0, 1], np.uint8), "unit", 1), [0, 1])
-    with pytest.raises(ValueError, match="pixel_range"):
-        transforms.check_options("none", "zero_one")
-    with pytest.raises(ValueError, match="binarize"):
-        transforms.check_options("static", "unit")
+    with pytest.raises(ValueError, match="pixel_range='zero_one'"):
+        transforms.BatchSpec(8, binarize="none", pixel_range="zero_one")
+    with pytest.raises(ValueError, match="binarize='static'"):
+        transforms.BatchSpec(8, binarize="static", pixel_range="unit")
 
 
 def test_batch_not_divisible_by_processes_raises():
     with pytest.raises(ValueError, match="not divisible by the process count 3"):
-        memory.InMemoryTrainIterator(indexed_images(10), 10, seed=0, process_count=3)
+        train_iter(indexed_images(10), 10, seed=0, pc=3)
     with pytest.raises(ValueError, match="not divisible"):  # before any dataset work
         input_pipeline.create_train_iterator(
-            {"name": "mnist"}, 10, seed=0, process_index=0, process_count=4
+            data_config(), 10, seed=0, process_index=0, process_count=4
         )
     with pytest.raises(ValueError, match="not divisible"):
-        input_pipeline.create_eval_batches({"name": "mnist"}, 10, process_index=0, process_count=4)
+        input_pipeline.create_eval_batches(data_config(), 10, process_index=0, process_count=4)
 
 
 def test_set_state_rejects_a_different_layout():
-    it = memory.InMemoryTrainIterator(indexed_images(20), 4, seed=0)
+    it = train_iter(indexed_images(20), 4, seed=0)
     state = it.get_state()
-    other = memory.InMemoryTrainIterator(indexed_images(20), 8, seed=0)
+    other = train_iter(indexed_images(20), 8, seed=0)
     with pytest.raises(ValueError, match="global_batch_size"):
         other.set_state(state)
 
@@ -200,7 +227,7 @@ def test_set_state_rejects_a_different_layout():
 
 def test_public_api_on_mock_mnist():
     tfds = tf_support.import_tfds()
-    cfg = {"name": "mnist", "binarize": "dynamic"}
+    cfg = data_config(name="mnist", binarize="dynamic")
     with tfds.testing.mock_data(num_examples=20):
         info = input_pipeline.get_dataset_info(cfg)
         assert info == input_pipeline.DatasetInfo((28, 28, 1), 20, 20, "mnist")
@@ -218,32 +245,33 @@ def test_public_api_on_mock_mnist():
             input_pipeline.create_eval_batches(cfg, 16, process_index=0, process_count=1)
         )
         assert [int(b["mask"].sum()) for b in batches] == [16, 4]
-        unit = dict(cfg, binarize="none", pixel_range="symmetric")
+        unit = data_config(binarize="none", pixel_range="symmetric")
         x = next(input_pipeline.create_train_iterator(unit, 8, 0, 0, 1))["image"]
         assert x.min() >= -1 and x.max() <= 1 and len(np.unique(x)) > 2
 
 
 def test_binarized_mnist_keeps_its_fixed_bits():
     tfds = tf_support.import_tfds()
-    cfg = {"name": "binarized_mnist", "binarize": "none", "pixel_range": "unit"}
+    cfg = data_config(name="binarized_mnist", binarize="none", pixel_range="unit")
     with tfds.testing.mock_data(num_examples=12, max_value=2):  # values in {0, 1}
         x = next(input_pipeline.create_train_iterator(cfg, 12, 0, 0, 1))["image"]
         assert set(np.unique(x).tolist()) == {0.0, 1.0}  # {0, 1} stored, not divided by 255
     with tfds.testing.mock_data(num_examples=12):  # grey levels are not binarized_mnist data
-        with pytest.raises(ValueError, match="max_value=2"):
-            input_pipeline.get_dataset_info(cfg)
+        with pytest.raises(ValueError, match="max_value=2"):  # info decodes nothing: read data
+            input_pipeline.create_train_iterator(cfg, 12, 0, 0, 1)
 
 
 def test_streaming_celeba_on_mock_data():
     tfds = tf_support.import_tfds()
-    cfg = {
-        "name": "celeb_a",
-        "in_memory": False,
-        "center_crop": 148,
-        "image_size": 16,
-        "pixel_range": "symmetric",
-        "shuffle_buffer": 8,
-    }
+    cfg = data_config(
+        name="celeb_a",
+        in_memory=False,
+        center_crop=148,
+        image_size=16,
+        binarize="none",
+        pixel_range="symmetric",
+        shuffle_buffer=8,
+    )
     with tfds.testing.mock_data(num_examples=6):
         info = input_pipeline.get_dataset_info(cfg)
         assert info.image_shape == (16, 16, 3) and info.num_train == 6
@@ -309,19 +337,19 @@ def indexed_tfds_dir(tmp_path_factory):
 
 
 def _indexed_cfg(data_dir, **kw):
-    return {"name": "jaxvae_test_indexed", "data_dir": data_dir, **kw}
+    return data_config(
+        **{"name": "jaxvae_test_indexed", "data_dir": data_dir, "binarize": "none", **kw}
+    )
 
 
 def test_prepared_dataset_is_used_without_network(indexed_tfds_dir, monkeypatch):
-    def no_network(hosts):
-        raise AssertionError("a prepared dataset must not touch the network")
-
-    monkeypatch.setattr(prepare, "network_reachable", no_network)
+    requested = no_network(monkeypatch, "a prepared dataset must not touch the network")
     for in_memory in (True, False):
         info = input_pipeline.get_dataset_info(_indexed_cfg(indexed_tfds_dir, in_memory=in_memory))
         assert info == input_pipeline.DatasetInfo((4, 4, 1), 40, 13, "jaxvae_test_indexed")
     it = input_pipeline.create_train_iterator(_indexed_cfg(indexed_tfds_dir), 40, 0, 0, 1)
     np.testing.assert_array_equal(np.sort(decode_index(next(it)["image"])), np.arange(40))
+    assert requested == []
 
 
 def test_streaming_process_shards_are_disjoint_and_cover(indexed_tfds_dir):
@@ -389,10 +417,10 @@ def write_idx_gz(path, kind: str, count: int, side: int = 28, magic=None, extra:
 def test_idx_validator(tmp_path):
     ok = tmp_path / "train-images-idx3-ubyte.gz"
     write_idx_gz(ok, "images", 100)
-    assert files_lib.validate_idx_gz(str(ok), "images", 100) == 100
+    assert prepare.validate_idx_gz(str(ok), "images", 100) == 100
     labels = tmp_path / "labels.gz"
     write_idx_gz(labels, "labels", 20)
-    assert files_lib.validate_idx_gz(str(labels), "labels") == 20
+    assert prepare.validate_idx_gz(str(labels), "labels") == 20
     cases = {
         "wrong_count": (
             lambda p: write_idx_gz(p, "images", 100),
@@ -408,12 +436,12 @@ def test_idx_validator(tmp_path):
         write(path)
         expected_count = 60000 if name == "wrong_count" else None
         with pytest.raises(input_pipeline.CorruptDatasetFileError, match=message) as e:
-            files_lib.validate_idx_gz(str(path), "images", expected_count)
+            prepare.validate_idx_gz(str(path), "images", expected_count)
         assert str(path) in str(e.value)
     truncated = tmp_path / "truncated.gz"
     truncated.write_bytes(ok.read_bytes()[: ok.stat().st_size // 2])
     with pytest.raises(input_pipeline.CorruptDatasetFileError, match=str(truncated)):
-        files_lib.validate_idx_gz(str(truncated), "images")
+        prepare.validate_idx_gz(str(truncated), "images")
 
 
 def test_missing_manual_files_error_lists_them(tmp_path):
@@ -421,7 +449,7 @@ def test_missing_manual_files_error_lists_them(tmp_path):
     manual.mkdir()
     for name in MNIST_FILES[:2]:
         (manual / name).write_bytes(b"x")
-    cfg = {"name": "mnist", "data_dir": str(tmp_path / "tfds"), "manual_dir": str(manual)}
+    cfg = data_config(name="mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
         input_pipeline.get_dataset_info(cfg)
     msg = str(e.value)
@@ -435,15 +463,15 @@ def test_missing_manual_files_error_lists_them(tmp_path):
 
 
 def test_offline_without_manual_dir_says_what_to_do(tmp_path, monkeypatch):
-    probed = []
-    monkeypatch.setattr(prepare, "network_reachable", lambda hosts: probed.append(hosts) or False)
-    for var in prepare._PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    cfg = {"name": "fashion_mnist", "data_dir": str(tmp_path)}
+    import urllib.parse
+
+    requested = no_network(monkeypatch, "no network here")
+    cfg = data_config(name="fashion_mnist", data_dir=str(tmp_path))
     with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
         input_pipeline.create_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1)
     msg = str(e.value)
-    assert probed and probed[0][0][0] == "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    hosts = {urllib.parse.urlparse(url).hostname for url in requested}
+    assert hosts == {"fashion-mnist.s3-website.eu-central-1.amazonaws.com"}
     assert "unreachable" in msg and "--config.data.manual_dir=/path/to/fashion_mnist" in msg
     for name in MNIST_FILES:
         assert f"/path/to/fashion_mnist/{name}" in msg
@@ -456,7 +484,7 @@ def test_manual_dir_with_corrupt_file_names_it(tmp_path):
     for name in MNIST_FILES:  # right names, synthetic content (100 train / 20 test items)
         kind = "images" if "images" in name else "labels"
         write_idx_gz(manual / name, kind, 100 if name.startswith("train") else 20)
-    cfg = {"name": "mnist", "data_dir": str(tmp_path / "tfds"), "manual_dir": str(manual)}
+    cfg = data_config(name="mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     with pytest.raises(input_pipeline.CorruptDatasetFileError) as e:
         input_pipeline.get_dataset_info(cfg)
     assert str(manual / "t10k-images-idx3-ubyte.gz") in str(e.value)
@@ -488,19 +516,20 @@ def _amat_manual_dir(path, counts, real_url_infos):
 
 def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monkeypatch):
     """Full tfds path with no network: registered checksums replaced by the synthetic files'."""
-    monkeypatch.setattr(prepare, "network_reachable", lambda hosts: pytest.fail("no network"))
-    builder_cls = type(prepare.make_builder("binarized_mnist", str(tmp_path)))
+    no_network(monkeypatch, "preparing from manual_dir must not download")
+    builder_cls = type(tf_support.import_tfds().builder("binarized_mnist", data_dir=str(tmp_path)))
     counts = {"train": 12, "valid": 5, "test": 7}
     url_infos = _amat_manual_dir(tmp_path / "m", counts, builder_cls.url_infos)
     # One registered checksum differs from its file: tfds's SHA-256 check must catch it.
     bad = {u: dataclasses.replace(i, checksum="0" * 64) for u, i in url_infos.items()}
     bad = {u: (bad[u] if "valid" in u else i) for u, i in url_infos.items()}
     monkeypatch.setattr(builder_cls, "url_infos", bad)
-    cfg = {
-        "name": "binarized_mnist",
-        "data_dir": str(tmp_path / "d1"),
-        "manual_dir": str(tmp_path / "m"),
-    }
+    cfg = data_config(
+        name="binarized_mnist",
+        data_dir=str(tmp_path / "d1"),
+        manual_dir=str(tmp_path / "m"),
+        binarize="none",
+    )
     with pytest.raises(input_pipeline.CorruptDatasetFileError, match="SHA-256") as e:
         input_pipeline.get_dataset_info(cfg)
     assert "binarized_mnist_valid.amat" in str(e.value)
@@ -518,14 +547,14 @@ def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monke
 
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="not a tensorflow-datasets dataset name"):
-        input_pipeline.get_dataset_info({"name": "mnist_but_misspelt"})
+        input_pipeline.get_dataset_info(data_config(name="mnist_but_misspelt"))
 
 
 @pytest.mark.skipif(not REAL_MNIST_DIR.is_dir(), reason=f"no real MNIST files in {REAL_MNIST_DIR}")
 def test_real_mnist_files_pass_validation():
-    files = files_lib.expected_source_files("mnist", prepare.make_builder("mnist", None).url_infos)
-    assert [f.filename for f in files] == MNIST_FILES
-    files_lib.validate_manual_dir("mnist", str(REAL_MNIST_DIR), files)
+    builder = tf_support.import_tfds().builder("mnist")
+    assert [filename for filename, _ in prepare.source_files(builder)] == MNIST_FILES
+    prepare.check_manual_dir(builder, str(REAL_MNIST_DIR))
 
 
 @pytest.mark.skipif(
@@ -534,16 +563,12 @@ def test_real_mnist_files_pass_validation():
     f"the files in {REAL_MNIST_DIR} (or $JAXVAE_MNIST_DIR)",
 )
 def test_real_mnist_prepares_offline(tmp_path, monkeypatch):
-    def no_network(hosts):
-        raise AssertionError("the network must not be needed with manual_dir")
-
-    monkeypatch.setattr(prepare, "network_reachable", no_network)
-    cfg = {"name": "mnist", "data_dir": str(tmp_path), "manual_dir": str(REAL_MNIST_DIR)}
+    no_network(monkeypatch, "the network must not be needed with manual_dir")
+    cfg = data_config(name="mnist", data_dir=str(tmp_path), manual_dir=str(REAL_MNIST_DIR))
     info = input_pipeline.get_dataset_info(cfg)
     assert info == input_pipeline.DatasetInfo((28, 28, 1), 60000, 10000, "mnist")
     # Second time: already prepared, manual_dir not even needed.
-    prepare.clear_cache()
-    cfg2 = {"name": "mnist", "data_dir": str(tmp_path)}
+    cfg2 = data_config(name="mnist", data_dir=str(tmp_path), binarize="none")
     batches = list(input_pipeline.create_eval_batches(cfg2, 1000, process_index=0, process_count=1))
     x = np.concatenate([b["image"] for b in batches])
     assert x.shape == (10000, 28, 28, 1) and all(b["mask"].all() for b in batches)
