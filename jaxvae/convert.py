@@ -438,5 +438,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
+__all__ = [
+    "SEED_IMAGE_SIZE",
+    "infer_config",
+    "load_converted",
+    "load_pytorch_vanilla_vae",
+    "read_state_dict",
+    "save_converted",
+    "vanilla_vae_state_dict_shapes",
+]
+
+
 if __name__ == "__main__":
     main()

@@ -38,12 +38,10 @@ in outputs and gradients against a NumPy transcription of PyTorch's formulas):
   (see ``_taps``), so the backward pass has no scatter. ``Conv3x3`` uses the output-side
   GEMM when ``C_out < C_in`` (the VAE's 32 -> 3 last layer) and XLA's conv otherwise.
 - ``"auto"`` (default): ``"gemm"`` when ``jax.default_backend() == "cpu"``, otherwise
-  ``"xla"``. CPU: measured on a 2-core AVX-512 machine, the seed VAE's training step
-  (64x64x3, batch 64) runs about 3x faster with ``"gemm"`` than with ``"xla"``, and
-  ``"subpixel"`` sits in between (``benchmarks/README.md``). GPU/TPU: cuDNN and the TPU
-  compiler implement strided and transposed convolutions natively, while im2col would
-  multiply the activation memory traffic by 9; no accelerator was available to measure,
-  so the native op is kept there. The choice is made at trace time.
+  ``"xla"``. On CPU ``"gemm"`` is the fastest of the three (``benchmarks/README.md`` has the
+  measurements). GPU/TPU: cuDNN and the TPU compiler implement strided and transposed
+  convolutions natively, while im2col would multiply the activation memory traffic by 9, so
+  the native op is kept there. The choice is made at trace time.
 
 Rearranged kernels are built from the same ``kernel`` parameter inside the traced function
 (reshapes, slices, pads, concatenations), so gradients flow to the same parameter tree.
@@ -356,10 +354,9 @@ def _tap_spread_planar(g: jax.Array) -> jax.Array:
 
     g: [N, H, W, C] -> [N, H, W, 3, 3, C]. For ``C > 1`` gathered channel-major
     (``[C, N, H, W]`` planes, so every shifted copy moves whole image rows) and transposed once
-    at the end: gathering an RGB output's gradient in NHWC moves 3-float pieces and was the
-    slowest op of the seed VAE's step (whole step about 1.05x faster this way, same-process
-    A/B). For ``C == 1`` (MNIST) the gather stays in NHWC: there the final transpose cost
-    more than it saved (about 0.97x).
+    at the end, because gathering an RGB output's gradient in NHWC moves 3-float pieces. For
+    ``C == 1`` (MNIST) the gather stays in NHWC, where the final transpose costs more than it
+    saves (``benchmarks/README.md``).
     """
     n, h, w, c = g.shape
     if c == 1:
@@ -477,8 +474,10 @@ __all__ = [
     "conv3x3_xla",
     "Conv3x3Stride2",
     "ConvTranspose3x3Stride2",
+    "conv3x3_stride2_gemm",
     "conv3x3_stride2_subpixel",
     "conv3x3_stride2_xla",
+    "conv_transpose3x3_stride2_gemm",
     "conv_transpose3x3_stride2_subpixel",
     "conv_transpose3x3_stride2_xla",
     "resolve_impl",

@@ -8,6 +8,13 @@ metrics and per-example diagnostics.
 
 Conventions
 -----------
+- Calling convention: the key, the functions and the data (``x``, ``mean``,
+  ``logvar``, explicit noise ``eps``, ...) are positional; every option after
+  them is keyword-only (``num_samples=``, ``beta=``, ``chunk_size=``,
+  ``event_ndim=``, ``prior_mean=``, ``kld_weight=``, ``num_dims=``). The
+  parameters of the distribution being evaluated (``mean`` and ``logvar`` of
+  :func:`gaussian_log_likelihood` and :func:`gaussian_log_density`) count as
+  data and stay positional.
 - A diagonal Gaussian is given by ``mean`` and ``logvar = log sigma^2``, both
   ``[..., D]``.
 - ``decode_fn(z)`` maps latents ``[..., D]`` (any number of leading axes) to
@@ -17,6 +24,12 @@ Conventions
   ``[..., B, *event_shape]`` and the result is ``[..., B]``.
 - Shape mistakes raise ``ValueError`` naming both shapes. Shapes are static in
   JAX, so the error is raised at trace time, also under ``jit``.
+- Noise: every sampler draws ``eps = jax.random.normal(key, (num_samples,
+  *mean.shape))``, so :func:`reparameterize`, :func:`mc_reconstruction`,
+  :func:`elbo` and :func:`iwae_bound` called with the same key and number of
+  samples use the same latents ``z``.
+
+The examples in the docstrings run as doctests (``python -m pytest -q``).
 """
 
 from __future__ import annotations
@@ -81,7 +94,24 @@ def _sum_last(x: Array, ndim: int) -> Array:
     return jnp.sum(x, axis=tuple(range(x.ndim - ndim, x.ndim))) if ndim else x
 
 
-def reparameterize(key: Array, mean: Array, logvar: Array, num_samples: int | None = None) -> Array:
+def _check_num_samples(num_samples: int) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+
+
+def _noise(key: Array, shape: tuple[int, ...], mean: Array, logvar: Array) -> Array:
+    """Standard-normal ``eps`` of ``shape``, in the dtype the samples ``z`` will have.
+
+    The one place noise is drawn, so every sampler here uses the same ``eps`` for the
+    same key and shape.
+    """
+    dtype = jnp.result_type(mean.dtype, logvar.dtype, jnp.float32)
+    return jax.random.normal(key, shape, dtype)
+
+
+def reparameterize(
+    key: Array, mean: Array, logvar: Array, *, num_samples: int | None = None
+) -> Array:
     """Draws ``z ~ N(mean, diag(exp(logvar)))`` with the reparameterization trick.
 
     ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` drawn from ``key``,
@@ -95,13 +125,29 @@ def reparameterize(key: Array, mean: Array, logvar: Array, num_samples: int | No
 
     Returns:
       ``z``: ``[..., D]``, or ``[num_samples, ..., D]`` when ``num_samples`` is given.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> key = jax.random.key(0)
+      >>> mean, logvar = jnp.zeros((4, 2)), jnp.zeros((4, 2))
+      >>> losses.reparameterize(key, mean, logvar).shape
+      (4, 2)
+      >>> losses.reparameterize(key, mean, logvar, num_samples=3).shape
+      (3, 4, 2)
+      >>> # A vanishing variance puts the sample at the mean; dz/dmean = 1.
+      >>> z = losses.reparameterize(key, jnp.array([1.0, -2.0]), jnp.full(2, -40.0))
+      >>> [round(v, 4) for v in z.tolist()]
+      [1.0, -2.0]
+      >>> f = lambda m: losses.reparameterize(key, m, jnp.zeros(2)).sum()
+      >>> jax.grad(f)(jnp.zeros(2)).tolist()
+      [1.0, 1.0]
     """
     _check_same_shape("mean", mean, "logvar", logvar)
     mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
     shape = mean.shape if num_samples is None else (num_samples, *mean.shape)
-    dtype = jnp.result_type(mean.dtype, logvar.dtype, jnp.float32)
-    eps = jax.random.normal(key, shape, dtype)
-    return mean + jnp.exp(0.5 * logvar) * eps
+    return mean + jnp.exp(0.5 * logvar) * _noise(key, shape, mean, logvar)
 
 
 def _expm1_minus_x(d: Array) -> Array:
@@ -115,6 +161,7 @@ def _expm1_minus_x(d: Array) -> Array:
 def gaussian_kl(
     mean: Array,
     logvar: Array,
+    *,
     prior_mean: ArrayLike = 0.0,
     prior_logvar: ArrayLike = 0.0,
 ) -> Array:
@@ -137,6 +184,17 @@ def gaussian_kl(
 
     Returns:
       ``[...]``, non-negative, in nats.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> mean = jnp.array([[0.0, 0.0], [1.0, 2.0]])
+      >>> logvar = jnp.zeros((2, 2))
+      >>> losses.gaussian_kl(mean, logvar).tolist()  # (1 + 4) / 2 in the second row
+      [0.0, 2.5]
+      >>> # KL(N(0, I) || N(0, e I)) in two dimensions: 2 * e^-1 / 2.
+      >>> round(float(losses.gaussian_kl(jnp.zeros(2), jnp.zeros(2), prior_logvar=1.0)), 4)
+      0.3679
     """
     _check_same_shape("mean", mean, "logvar", logvar)
     d = logvar - prior_logvar
@@ -147,18 +205,29 @@ def gaussian_kl(
 def gaussian_log_density(z: Array, mean: ArrayLike = 0.0, logvar: ArrayLike = 0.0) -> Array:
     """``log N(z; mean, diag e^logvar)`` summed over the last axis.
 
+    ``mean`` and ``logvar`` are the density's parameters (positional; the default is
+    the standard normal).
+
     Args:
       z: ``[..., D]``; ``mean``, ``logvar`` broadcastable to it.
 
     Returns:
       ``[...]``, in nats.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> round(float(losses.gaussian_log_density(jnp.zeros(2))), 4)  # -log(2 pi)
+      -1.8379
+      >>> losses.gaussian_log_density(jnp.zeros((5, 4, 2)), 1.0, jnp.zeros(2)).shape
+      (5, 4)
     """
     return -0.5 * jnp.sum(
         _LOG_2PI + logvar + jnp.square(z - mean) * jnp.exp(-jnp.asarray(logvar)), axis=-1
     )
 
 
-def bernoulli_log_likelihood(x: Array, logits: Array, event_ndim: int = 3) -> Array:
+def bernoulli_log_likelihood(x: Array, logits: Array, *, event_ndim: int = 3) -> Array:
     """``log Bernoulli(x; sigmoid(logits))`` summed over the trailing ``event_ndim`` axes.
 
     Per element ``x * log sigmoid(l) + (1 - x) * log sigmoid(-l)``, computed with
@@ -174,6 +243,20 @@ def bernoulli_log_likelihood(x: Array, logits: Array, event_ndim: int = 3) -> Ar
 
     Returns:
       ``[...]`` (the broadcast leading shape), in nats.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> x = jnp.ones((2, 28, 28, 1))  # two binary images
+      >>> logits = jnp.zeros((2, 28, 28, 1))  # p = 1/2 for every pixel
+      >>> ll = losses.bernoulli_log_likelihood(x, logits)  # summed over [H, W, C]
+      >>> ll.shape, round(float(ll[0]), 2)  # -784 log 2
+      ((2,), -543.43)
+      >>> # Decoder outputs for 5 latent samples per image broadcast against x.
+      >>> losses.bernoulli_log_likelihood(x, jnp.zeros((5, 2, 28, 28, 1))).shape
+      (5, 2)
+      >>> losses.bernoulli_log_likelihood(x[0, 0], logits[0, 0], event_ndim=1).shape
+      (28,)
     """
     _check_event_shapes("x", x, "logits", logits, event_ndim)
     per_elem = x * jax.nn.log_sigmoid(logits) + (1.0 - x) * jax.nn.log_sigmoid(-logits)
@@ -181,12 +264,13 @@ def bernoulli_log_likelihood(x: Array, logits: Array, event_ndim: int = 3) -> Ar
 
 
 def gaussian_log_likelihood(
-    x: Array, mean: Array, logvar: ArrayLike = 0.0, event_ndim: int = 3
+    x: Array, mean: Array, logvar: ArrayLike = 0.0, *, event_ndim: int = 3
 ) -> Array:
     """``log N(x; mean, diag e^logvar)`` summed over the trailing ``event_ndim`` axes.
 
     Per element ``-1/2 * (log 2 pi + logvar + (x - mean)^2 e^-logvar)``: the full
     normalising constant is included, so the value is a true log-density.
+    ``logvar`` is a parameter of the density and may be passed positionally.
 
     Args:
       x: ``[..., *event]``.
@@ -197,6 +281,16 @@ def gaussian_log_likelihood(
 
     Returns:
       ``[...]``, in nats.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> ll = losses.gaussian_log_likelihood(jnp.ones(3), jnp.zeros(3), event_ndim=1)
+      >>> round(float(ll), 4)  # 3 * (-log(2 pi) / 2 - 1 / 2)
+      -4.2568
+      >>> x = mean = jnp.zeros((2, 8, 8, 3))  # images, sigma = 0.1
+      >>> losses.gaussian_log_likelihood(x, mean, 2 * jnp.log(0.1)).shape
+      (2,)
     """
     _check_event_shapes("x", x, "mean", mean, event_ndim)
     logvar = jnp.asarray(logvar)
@@ -235,6 +329,7 @@ def mc_reconstruction(
     mean: Array,
     logvar: Array,
     log_likelihood_fn: LogLikelihoodFn,
+    *,
     num_samples: int = 1,
 ) -> Array:
     """Monte-Carlo estimate of ``E_q(z|x)[log p(x|z)]``.
@@ -242,7 +337,7 @@ def mc_reconstruction(
         (1/N) * sum_i log p(x | z_i),   z_i = mean + e^(logvar/2) * eps_i.
 
     All ``N`` samples are decoded in one batched call ``decode_fn(z)`` with
-    ``z: [N, B, D]``.
+    ``z: [N, B, D]``; ``z`` is ``reparameterize(key, mean, logvar, num_samples=N)``.
 
     Args:
       key: ``jax.random`` key for the ``N`` noise draws.
@@ -250,12 +345,29 @@ def mc_reconstruction(
       x: ``[B, *event]`` data.
       mean, logvar: ``[B, D]`` parameters of ``q(z|x)``.
       log_likelihood_fn: ``(x, outputs[N, B, *event]) -> [N, B]``.
-      num_samples: ``N``.
+      num_samples: ``N >= 1``.
 
     Returns:
       ``[B]``, in nats (unbiased for the expectation).
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> decode = lambda z: z @ jnp.ones((2, 3))  # latents [..., 2] -> means [..., 3]
+      >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
+      >>> x, mean, logvar = jnp.zeros((4, 3)), jnp.zeros((4, 2)), jnp.zeros((4, 2))
+      >>> key = jax.random.key(0)
+      >>> losses.mc_reconstruction(key, decode, x, mean, logvar, ll, num_samples=16).shape
+      (4,)
+      >>> # One sample: log p(x | z) at z = reparameterize(key, ...) with the same key.
+      >>> rec = losses.mc_reconstruction(key, decode, x, mean, logvar, ll)
+      >>> z = losses.reparameterize(key, mean, logvar, num_samples=1)
+      >>> bool(jnp.allclose(rec, ll(x, decode(z))[0]))
+      True
     """
     batch_shape = _check_posterior_and_data(x, mean, logvar)
+    _check_num_samples(num_samples)
     z = reparameterize(key, mean, logvar, num_samples=num_samples)
     ll = _scored(log_likelihood_fn, x, decode_fn(z), (num_samples, *batch_shape))
     return jnp.mean(ll, axis=0)
@@ -268,6 +380,7 @@ def elbo(
     mean: Array,
     logvar: Array,
     log_likelihood_fn: LogLikelihoodFn,
+    *,
     num_samples: int = 1,
     beta: ArrayLike = 1.0,
 ) -> tuple[Array, Array, Array]:
@@ -284,12 +397,158 @@ def elbo(
 
     Returns:
       ``(elbo, reconstruction, kl)``, each ``[B]``, in nats.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> decode = lambda z: z @ jnp.ones((2, 3))  # latents [..., 2] -> means [..., 3]
+      >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
+      >>> x, mean, logvar = jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.zeros((4, 2))
+      >>> value, rec, kl = losses.elbo(
+      ...     jax.random.key(0), decode, x, mean, logvar, ll, num_samples=8, beta=0.5
+      ... )
+      >>> value.shape, kl.tolist()  # KL(N(1, 1) || N(0, 1)) = 1/2 per latent dimension
+      ((4,), [1.0, 1.0, 1.0, 1.0])
+      >>> bool(jnp.allclose(value, rec - 0.5 * kl))
+      True
     """
     reconstruction = mc_reconstruction(
-        key, decode_fn, x, mean, logvar, log_likelihood_fn, num_samples
+        key, decode_fn, x, mean, logvar, log_likelihood_fn, num_samples=num_samples
     )
     kl = gaussian_kl(mean, logvar)
     return reconstruction - beta * kl, reconstruction, kl
+
+
+def log_importance_weights(
+    decode_fn: DecodeFn,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    eps: Array,
+    log_likelihood_fn: LogLikelihoodFn,
+) -> Array:
+    """Log importance weights ``log p(x, z_k) - log q(z_k | x)`` for given noise.
+
+        z_k = mean + e^(logvar/2) * eps_k,
+        log w_k = log p(x | z_k) + log N(z_k; 0, I) - log N(z_k; mean, e^logvar).
+
+    ``log q`` is computed from ``eps`` directly (``(z - mean)^2 / e^logvar`` is
+    ``eps^2``), which is exact. All ``K`` samples are decoded in one call
+    ``decode_fn(z)`` with ``z: [K, B, D]``. The noise is an argument rather than
+    drawn here, so a caller can draw it once for a global batch and slice it per
+    device. Gradients flow along the reparameterised path to ``mean``, ``logvar``
+    and whatever ``decode_fn`` closes over (the full pathwise gradient, including
+    the ``logvar`` term of ``log q``). :func:`iwae_bound` and
+    :func:`iwae_log_likelihood` are built on this function.
+
+    All arguments are positional (``eps`` is data, not an option).
+
+    Args:
+      decode_fn: ``[..., D] -> [..., *event]``.
+      x: ``[B, *event]`` data (``B`` may be several axes).
+      mean, logvar: ``[B, D]``, parameters of ``q(z|x)``.
+      eps: ``[K, B, D]`` standard-normal noise, ``K >= 1``.
+      log_likelihood_fn: ``(x, outputs[K, B, *event]) -> [K, B]``.
+
+    Returns:
+      ``log_w``: ``[K, B]``, in nats. ``logsumexp(log_w, axis=0) - log K`` is the
+      IWAE bound; ``mean(log_w, axis=0)`` is the ELBO with a Monte-Carlo KL.
+
+    Example (``p(z) = N(0, 1)``, ``p(x|z) = N(z, 1)``; with the exact posterior
+    ``q(z|x) = N(x/2, 1/2)`` every weight is ``p(x) = N(x; 0, 2)``):
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> decode = lambda z: z
+      >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
+      >>> x = jnp.array([[1.0]])  # one example, one observed value
+      >>> mean, logvar = x / 2, jnp.log(jnp.full((1, 1), 0.5))
+      >>> eps = jax.random.normal(jax.random.key(0), (3, 1, 1))  # K = 3 samples
+      >>> log_w = losses.log_importance_weights(decode, x, mean, logvar, eps, ll)
+      >>> log_w.shape, [round(v, 4) for v in log_w[:, 0].tolist()]
+      ((3, 1), [-1.5155, -1.5155, -1.5155])
+    """
+    _check_posterior_and_data(x, mean, logvar)
+    mean, logvar, eps = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(eps)
+    if eps.ndim != mean.ndim + 1 or eps.shape[1:] != mean.shape:
+        raise ValueError(
+            "eps must have shape [K, *mean.shape], got "
+            f"eps.shape={eps.shape} and mean.shape={mean.shape}."
+        )
+    if eps.shape[0] < 1:
+        raise ValueError(f"eps must hold at least one sample, got eps.shape={eps.shape}.")
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    log_px_z = _scored(log_likelihood_fn, x, decode_fn(z), eps.shape[:-1])
+    log_pz = gaussian_log_density(z)
+    log_qz = -0.5 * jnp.sum(_LOG_2PI + logvar + jnp.square(eps), axis=-1)
+    return log_px_z + log_pz - log_qz
+
+
+def iwae_bound(
+    key: Array,
+    decode_fn: DecodeFn,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    *,
+    num_samples: int,
+) -> Array:
+    """The importance-weighted lower bound ``L_K`` of Burda et al. (2015), per example.
+
+        L_K = log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z|x) = N(mean, e^logvar),
+
+    with prior ``p(z) = N(0, I)``: ``logsumexp_k(log w_k) - log K`` of
+    :func:`log_importance_weights`. This is the objective the IWAE maximises, a
+    training loss: all ``K`` samples are decoded in one call and gradients flow
+    through the reparameterised samples (for ``K`` too large for memory at
+    evaluation, use the chunked :func:`iwae_log_likelihood`).
+    ``E[L_1] <= E[L_K] <= E[L_{K+1}] <= log p(x)``. At ``K = 1``,
+    ``L_1 = log p(x|z) + log p(z) - log q(z|x)`` is the ELBO with the KL replaced
+    by its one-sample Monte-Carlo estimate: the same expectation as
+    ``elbo(..., num_samples=1)``, with more variance.
+
+    Noise: ``eps = jax.random.normal(key, (K, *mean.shape))``, the draw of
+    ``reparameterize(key, mean, logvar, num_samples=K)``, so with the same key
+    ``iwae_bound`` at ``K = 1`` and :func:`elbo` evaluate the same ``z``;
+    :func:`iwae_log_likelihood` with ``chunk_size=K`` equals ``iwae_bound`` with
+    the key ``jax.random.fold_in(key, 0)``.
+
+    Args:
+      key: ``jax.random`` key for the ``K`` noise draws.
+      decode_fn: ``[..., D] -> [..., *event]``.
+      x: ``[B, *event]`` data.
+      mean, logvar: ``[B, D]`` parameters of ``q(z|x)``.
+      log_likelihood_fn: ``(x, outputs[K, B, *event]) -> [K, B]``.
+      num_samples: ``K >= 1`` (static).
+
+    Returns:
+      ``[B]``, in nats.
+
+    Example (the model of :func:`log_importance_weights`, ``log p(1) = -1.5155``):
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> decode = lambda z: z
+      >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
+      >>> x = jnp.array([[1.0]])
+      >>> mean, logvar = x / 2, jnp.log(jnp.full((1, 1), 0.5))  # the exact posterior
+      >>> key = jax.random.key(0)
+      >>> bound = losses.iwae_bound(key, decode, x, mean, logvar, ll, num_samples=8)
+      >>> bound.shape, round(float(bound[0]), 4)
+      ((1,), -1.5155)
+      >>> # A training objective: differentiate the batch mean.
+      >>> f = lambda m: losses.iwae_bound(key, decode, x, m, logvar, ll, num_samples=8).mean()
+      >>> jax.grad(f)(mean).shape
+      (1, 1)
+    """
+    _check_posterior_and_data(x, mean, logvar)
+    _check_num_samples(num_samples)
+    mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
+    eps = _noise(key, (num_samples, *mean.shape), mean, logvar)
+    log_w = log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
+    return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
 
 
 def iwae_log_likelihood(
@@ -299,50 +558,61 @@ def iwae_log_likelihood(
     mean: Array,
     logvar: Array,
     log_likelihood_fn: LogLikelihoodFn,
+    *,
     num_samples: int,
     chunk_size: int | None = None,
 ) -> Array:
-    """Importance-weighted estimate of ``log p(x)`` (Burda et al., 2015).
+    """Importance-weighted estimate of ``log p(x)`` (Burda et al., 2015), in chunks.
 
         log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z|x) = N(mean, e^logvar),
 
     with prior ``p(z) = N(0, I)``, computed in log space with a running
-    ``logsumexp``. Its expectation is a lower bound on ``log p(x)`` that equals
-    the ELBO for ``K = 1`` and rises toward ``log p(x)`` as ``K`` grows.
+    ``logsumexp``: the value of :func:`iwae_bound`, for evaluation with large ``K``.
+    Its expectation is a lower bound on ``log p(x)`` that equals the ELBO for
+    ``K = 1`` and rises toward ``log p(x)`` as ``K`` grows.
 
     The ``K`` samples are processed ``chunk_size`` at a time in a ``lax.scan``, so
     memory is bounded by one chunk (``chunk_size * B`` decoded outputs), whatever
-    ``K`` is. Chunk ``c`` uses the key ``fold_in(key, c)``; the result therefore
-    depends on ``chunk_size`` only through which random numbers are drawn.
+    ``K`` is. Chunk ``c`` draws the noise :func:`iwae_bound` draws from the key
+    ``fold_in(key, c)``; the result therefore depends on ``chunk_size`` only
+    through which random numbers are drawn.
 
     Args:
       key: ``jax.random`` key.
-      decode_fn, x, mean, logvar, log_likelihood_fn: as :func:`mc_reconstruction`.
+      decode_fn, x, mean, logvar, log_likelihood_fn: as :func:`iwae_bound`.
       num_samples: ``K >= 1``.
       chunk_size: samples decoded per call; default
         ``min(K, DEFAULT_IWAE_CHUNK_SIZE)``.
 
     Returns:
       ``[B]``, in nats.
+
+    Example (the model of :func:`log_importance_weights`: with the exact posterior
+    every importance weight is ``p(x)``, so the estimate is exact for any ``K``):
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> decode = lambda z: z
+      >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
+      >>> x = jnp.array([[1.0]])
+      >>> mean, logvar = x / 2, jnp.log(jnp.full((1, 1), 0.5))
+      >>> log_px = losses.iwae_log_likelihood(
+      ...     jax.random.key(0), decode, x, mean, logvar, ll, num_samples=1000, chunk_size=100
+      ... )
+      >>> log_px.shape, round(float(log_px[0]), 4)  # log N(1; 0, 2)
+      ((1,), -1.5155)
     """
     batch_shape = _check_posterior_and_data(x, mean, logvar)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    _check_num_samples(num_samples)
     chunk = min(num_samples, chunk_size or DEFAULT_IWAE_CHUNK_SIZE)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     num_chunks = -(-num_samples // chunk)
-    std = jnp.exp(0.5 * logvar)
-    dtype = jnp.result_type(mean.dtype, logvar.dtype, jnp.float32)
+    mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
 
     def log_weights(c: Array) -> Array:
-        eps = jax.random.normal(jax.random.fold_in(key, c), (chunk, *mean.shape), dtype)
-        z = mean + std * eps
-        log_px_z = _scored(log_likelihood_fn, x, decode_fn(z), (chunk, *batch_shape))
-        log_pz = gaussian_log_density(z)
-        # log q(z|x) from eps directly: (z - mean)^2 / var == eps^2 exactly.
-        log_qz = -0.5 * jnp.sum(_LOG_2PI + logvar + jnp.square(eps), axis=-1)
-        log_w = log_px_z + log_pz - log_qz
+        eps = _noise(jax.random.fold_in(key, c), (chunk, *mean.shape), mean, logvar)
+        log_w = log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
         # The last chunk may run past K: those samples get zero weight.
         valid = c * chunk + jnp.arange(chunk) < num_samples
         return jnp.where(valid.reshape((chunk,) + (1,) * len(batch_shape)), log_w, -jnp.inf)
@@ -358,7 +628,7 @@ def iwae_log_likelihood(
     return total - math.log(num_samples)
 
 
-def bits_per_dim(nll_nats: ArrayLike, num_dims: int) -> Array:
+def bits_per_dim(nll_nats: ArrayLike, *, num_dims: int) -> Array:
     """Converts a negative log-likelihood in nats per example to bits per dimension.
 
         bpd = nll / (num_dims * ln 2)
@@ -366,6 +636,12 @@ def bits_per_dim(nll_nats: ArrayLike, num_dims: int) -> Array:
     ``num_dims`` is the number of observed values per example (``H * W * C``).
     No discretisation offset is added: for continuous densities of data scaled
     from 8-bit pixels, add ``num_dims * log(bin width)`` to ``nll`` first.
+
+    Example:
+      >>> import math
+      >>> from jaxvae import losses
+      >>> round(float(losses.bits_per_dim(1.5 * 784 * math.log(2.0), num_dims=784)), 4)
+      1.5
     """
     return jnp.asarray(nll_nats) / (num_dims * math.log(2.0))
 
@@ -375,6 +651,7 @@ def vanilla_vae_loss(
     x: Array,
     mean: Array,
     logvar: Array,
+    *,
     kld_weight: ArrayLike,
 ) -> tuple[Array, dict[str, Array]]:
     """The PyTorch-VAE ``VanillaVAE.loss_function`` objective, exactly.
@@ -411,6 +688,18 @@ def vanilla_vae_loss(
     Returns:
       ``(loss, metrics)``: a scalar, and ``{"loss", "reconstruction_loss", "kl"}``
       where ``kl`` is the batch-mean KL with its true, positive sign.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> x = jnp.zeros((2, 4, 4, 1))
+      >>> reconstruction = jnp.full((2, 4, 4, 1), 0.5)  # squared error 1/4 per pixel
+      >>> mean, logvar = jnp.ones((2, 3)), jnp.zeros((2, 3))  # KL 3/2 per example
+      >>> loss, metrics = losses.vanilla_vae_loss(
+      ...     reconstruction, x, mean, logvar, kld_weight=0.1
+      ... )
+      >>> round(float(loss), 4), round(float(metrics["kl"]), 4)  # 1/4 + 0.1 * 3/2
+      (0.4, 1.5)
     """
     _check_same_shape("reconstruction", reconstruction, "x", x)
     _check_posterior_and_data(x, mean, logvar)
@@ -428,7 +717,9 @@ __all__ = [
     "gaussian_kl",
     "gaussian_log_density",
     "gaussian_log_likelihood",
+    "iwae_bound",
     "iwae_log_likelihood",
+    "log_importance_weights",
     "mc_reconstruction",
     "reparameterize",
     "vanilla_vae_loss",

@@ -324,6 +324,8 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "LIKELIHOODS",
+    "OUTPUT_ACTIVATIONS",
     "VAE",
     "ConvDecoder",
     "ConvEncoder",

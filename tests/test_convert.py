@@ -75,7 +75,9 @@ def test_eval_and_train_mode_match_pytorch(fixture, converted, conv_impl):
     np.testing.assert_allclose(logvar, fixture["train_log_var"], atol=ATOL, rtol=0)
 
     # The seed's loss on the train-mode forward.
-    loss, metrics = losses.vanilla_vae_loss(out, x, mean, logvar, float(fixture["kld_weight"]))
+    loss, metrics = losses.vanilla_vae_loss(
+        out, x, mean, logvar, kld_weight=float(fixture["kld_weight"])
+    )
     np.testing.assert_allclose(loss, fixture["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["reconstruction_loss"], fixture["recons_loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["kl"], fixture["kld"], rtol=1e-5)

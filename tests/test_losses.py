@@ -65,7 +65,9 @@ def test_kl_is_zero_at_the_prior():
     mean = jnp.zeros((4, 7))
     assert np.all(np.asarray(losses.gaussian_kl(mean, jnp.zeros((4, 7)))) == 0.0)
     pm, plv = jnp.linspace(-2, 2, 7), jnp.linspace(-3, 3, 7)
-    kl = losses.gaussian_kl(jnp.broadcast_to(pm, (4, 7)), jnp.broadcast_to(plv, (4, 7)), pm, plv)
+    kl = losses.gaussian_kl(
+        jnp.broadcast_to(pm, (4, 7)), jnp.broadcast_to(plv, (4, 7)), prior_mean=pm, prior_logvar=plv
+    )
     np.testing.assert_allclose(kl, 0.0, atol=1e-6)
 
 
@@ -89,7 +91,8 @@ def test_kl_matches_general_two_gaussian_formula():
             - d
             + np.log(np.linalg.det(s2) / np.linalg.det(s1))
         )
-        got = losses.gaussian_kl(*f32(m1, lv1), *f32(m2, lv2))
+        pm, plv = f32(m2, lv2)
+        got = losses.gaussian_kl(*f32(m1, lv1), prior_mean=pm, prior_logvar=plv)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -103,7 +106,8 @@ def test_kl_matches_monte_carlo_estimate():
         m2, np.exp(0.5 * lv2)
     ).logpdf(z).sum(-1)
     mc, se = log_ratio.mean(), log_ratio.std() / math.sqrt(n)
-    got = float(losses.gaussian_kl(*f32(m1, lv1, m2, lv2)))
+    pm, plv = f32(m2, lv2)
+    got = float(losses.gaussian_kl(*f32(m1, lv1), prior_mean=pm, prior_logvar=plv))
     assert abs(got - mc) < 5 * se, (got, mc, se)
 
 
@@ -111,7 +115,8 @@ def test_kl_gradients():
     rng = np.random.default_rng(3)
     with jax.enable_x64(True):
         args = tuple(jnp.asarray(a) for a in rng.normal(size=(4, 3, 5)))
-        check_grads(jax.jit(losses.gaussian_kl), args, order=2, modes=["fwd", "rev"])
+        kl = lambda m, lv, pm, plv: losses.gaussian_kl(m, lv, prior_mean=pm, prior_logvar=plv)
+        check_grads(jax.jit(kl), args, order=2, modes=["fwd", "rev"])
         check_grads(jax.jit(lambda m, lv: losses.gaussian_kl(m, lv)), args[:2], order=2)
 
 
@@ -211,9 +216,11 @@ def test_gaussian_log_likelihood_matches_scipy_with_constants():
 
 
 def test_bits_per_dim():
-    np.testing.assert_allclose(losses.bits_per_dim(784 * math.log(2.0) * 1.25, 784), 1.25)
+    np.testing.assert_allclose(losses.bits_per_dim(784 * math.log(2.0) * 1.25, num_dims=784), 1.25)
     nll = jnp.array([100.0, 200.0])
-    np.testing.assert_allclose(losses.bits_per_dim(nll, 784), np.asarray(nll) / 784 / np.log(2))
+    np.testing.assert_allclose(
+        losses.bits_per_dim(nll, num_dims=784), np.asarray(nll) / 784 / np.log(2)
+    )
 
 
 # ------------------------ Monte-Carlo reconstruction and the ELBO -----------------------------
@@ -238,7 +245,7 @@ def test_mc_reconstruction_matches_closed_form_expectation():
 
     n = 20_000
     got = losses.mc_reconstruction(
-        jax.random.key(0), decode, *f32(x, mean, logvar), model.log_likelihood_fn(), n
+        jax.random.key(0), decode, *f32(x, mean, logvar), model.log_likelihood_fn(), num_samples=n
     )
     assert calls == [(n, 4, 3)]
     # Per-sample spread of log p(x|z), to set a Monte-Carlo tolerance.
@@ -254,13 +261,13 @@ def test_elbo_decomposition_and_exact_posterior():
     m, lv = model.posterior(x)
     key = jax.random.key(1)
     value, rec, kl = losses.elbo(
-        key, model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn(), 4, beta=0.7
+        key, model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn(), num_samples=4, beta=0.7
     )
     np.testing.assert_allclose(value, rec - 0.7 * kl, rtol=1e-6)
     np.testing.assert_allclose(kl, losses.gaussian_kl(*f32(m, lv)))
     # With the exact posterior and beta=1 the ELBO is log p(x) in expectation.
     value, _, _ = losses.elbo(
-        key, model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn(), 20_000
+        key, model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn(), num_samples=20_000
     )
     np.testing.assert_allclose(value, model.log_marginal(x), atol=0.05)
 
@@ -298,7 +305,9 @@ def test_iwae_bound_tightens_with_k_for_a_perturbed_posterior():
         keys = jax.random.split(jax.random.key(k), reps)
         fn = jax.jit(
             jax.vmap(
-                lambda key: losses.iwae_log_likelihood(key, decode, x32, m32, lv32, ll, k, 250)
+                lambda key: losses.iwae_log_likelihood(
+                    key, decode, x32, m32, lv32, ll, num_samples=k, chunk_size=250
+                )
             )
         )
         return float(np.mean(fn(keys)))
@@ -308,9 +317,9 @@ def test_iwae_bound_tightens_with_k_for_a_perturbed_posterior():
         for k, reps in [(1, 4000), (10, 400), (100, 40), (1000, 8)]
     ]
     # K=1 is the ELBO: log p(x) - KL(q || exact posterior), in expectation.
-    analytic_elbo = np.mean(
-        log_px - np.asarray(losses.gaussian_kl(m32, lv32, *f32(*model.posterior(x))), np.float64)
-    )
+    exact_m, exact_lv = f32(*model.posterior(x))
+    kl_to_exact = losses.gaussian_kl(m32, lv32, prior_mean=exact_m, prior_logvar=exact_lv)
+    analytic_elbo = np.mean(log_px - np.asarray(kl_to_exact, np.float64))
     assert gaps[0] > 0
     np.testing.assert_allclose(float(np.mean(log_px)) - gaps[0], analytic_elbo, atol=0.05)
     # Each tenfold K at least shrinks the gap by a clear margin, and stays non-negative
@@ -346,6 +355,154 @@ def test_iwae_chunking_handles_remainders_and_large_k():
     np.testing.assert_allclose(big, model.log_marginal(x), atol=0.05)
 
 
+# ----------------------------- the IWAE bound (training objective) ---------------------------
+
+
+def _log_joint_minus_log_q(model: LinearGaussian, x, m, lv, z) -> np.ndarray:
+    """log p(x|z) + log p(z) - log q(z|x), in float64 with scipy; z: [K, B, D]."""
+    x, m, lv, z = (np.asarray(a, np.float64) for a in (x, m, lv, z))
+    return (
+        stats.norm(z @ model.W.T + model.b, math.sqrt(model.s2)).logpdf(x).sum(-1)
+        + stats.norm(0, 1).logpdf(z).sum(-1)
+        - stats.norm(m, np.exp(0.5 * lv)).logpdf(z).sum(-1)
+    )
+
+
+def test_log_importance_weights_match_scipy_in_one_decode_call():
+    model = LinearGaussian()
+    x = model.sample_x(4)
+    m, lv = model.posterior(x)
+    x, m, lv = f32(x, m + 0.4, lv - 0.3)
+    eps = jax.random.normal(jax.random.key(5), (7, 4, 3))
+    calls = []
+
+    def decode(z):
+        calls.append(z.shape)
+        return model.decode_fn()(z)
+
+    log_w = losses.log_importance_weights(decode, x, m, lv, eps, model.log_likelihood_fn())
+    assert calls == [(7, 4, 3)] and log_w.shape == (7, 4)
+    z = m + np.exp(0.5 * np.asarray(lv)) * np.asarray(eps)
+    np.testing.assert_allclose(
+        log_w, _log_joint_minus_log_q(model, x, m, lv, z), rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match=r"\(7, 4, 2\).*\(4, 3\)"):
+        losses.log_importance_weights(decode, x, m, lv, eps[..., :2], model.log_likelihood_fn())
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 3\)"):
+        losses.log_importance_weights(decode, x, m, lv, eps[0], model.log_likelihood_fn())
+
+
+def test_iwae_bound_at_k1_is_the_elbo_with_a_monte_carlo_kl():
+    model = LinearGaussian()
+    x = model.sample_x(5)
+    exact_m, exact_lv = f32(*model.posterior(x))
+    x, m, lv = f32(x, exact_m + 0.5, exact_lv + 0.7)  # a perturbed q
+    dec, ll = model.decode_fn(), model.log_likelihood_fn()
+    key = jax.random.key(13)
+
+    # For one key: log p(x|z) + log p(z) - log q(z|x) at z = reparameterize(key, ...), and the
+    # ELBO with the same key sees the same z: the two differ by KL - (log q(z) - log p(z)).
+    bound = losses.iwae_bound(key, dec, x, m, lv, ll, num_samples=1)
+    z = losses.reparameterize(key, m, lv, num_samples=1)
+    assert bound.shape == (5,)
+    np.testing.assert_allclose(
+        bound, _log_joint_minus_log_q(model, x, m, lv, z)[0], rtol=1e-5, atol=1e-4
+    )
+    value, rec, kl = losses.elbo(key, dec, x, m, lv, ll, num_samples=1)
+    mc_kl = losses.gaussian_log_density(z[0], m, lv) - losses.gaussian_log_density(z[0])
+    np.testing.assert_allclose(bound, rec - mc_kl, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(bound - value, kl - mc_kl, rtol=1e-5, atol=1e-4)
+
+    # Over many keys the K = 1 bound averages to the analytic-KL ELBO.
+    n = 20_000
+    keys = jax.random.split(jax.random.key(14), n)
+    many = jax.jit(jax.vmap(lambda k: losses.iwae_bound(k, dec, x, m, lv, ll, num_samples=1)))(keys)
+    mc, se = np.mean(many, axis=0), np.std(many, axis=0) / math.sqrt(n)
+    # The exact ELBO: log p(x) - KL(q || exact posterior).
+    kl_to_exact = losses.gaussian_kl(m, lv, prior_mean=exact_m, prior_logvar=exact_lv)
+    exact_elbo = model.log_marginal(np.asarray(x, np.float64)) - np.asarray(kl_to_exact)
+    assert np.all(np.abs(mc - exact_elbo) < 4 * se), (mc, exact_elbo, se)
+    # ... and to losses.elbo, whose reconstruction term is itself a Monte-Carlo estimate.
+    elbos = jax.jit(jax.vmap(lambda k: losses.elbo(k, dec, x, m, lv, ll)[0]))(
+        jax.random.split(jax.random.key(15), n)
+    )
+    mc_elbo, se_elbo = np.mean(elbos, axis=0), np.std(elbos, axis=0) / math.sqrt(n)
+    assert np.all(np.abs(mc - mc_elbo) < 4 * np.hypot(se, se_elbo)), (mc, mc_elbo, se, se_elbo)
+
+
+def test_iwae_bound_increases_with_k_toward_log_px():
+    model = LinearGaussian()
+    x = model.sample_x(16)
+    m, lv = model.posterior(x)
+    log_px = float(np.mean(model.log_marginal(x)))
+    dec, ll = model.decode_fn(), model.log_likelihood_fn()
+    # The exact posterior: every weight is p(x), so the bound is exact for every K.
+    for k in (1, 7, 50):
+        got = losses.iwae_bound(jax.random.key(k), dec, *f32(x, m, lv), ll, num_samples=k)
+        np.testing.assert_allclose(got, model.log_marginal(x), rtol=2e-5, atol=2e-4)
+    # A worse q (wider and shifted): E[L_1] < E[L_10] < E[L_100] <= log p(x).
+    x32, m32, lv32 = f32(x, m + 0.6, lv + 0.8)
+    means, ses = [], []
+    for k, reps in [(1, 4000), (10, 1000), (100, 200)]:
+        fn = jax.jit(
+            jax.vmap(
+                lambda key, k=k: losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=k)
+            )
+        )
+        per_rep = np.mean(np.asarray(fn(jax.random.split(jax.random.key(100 + k), reps))), axis=1)
+        means.append(per_rep.mean())
+        ses.append(per_rep.std() / math.sqrt(reps))
+    gaps = [log_px - v for v in means]
+    print("IWAE bound gaps to log p(x) over K = 1, 10, 100:", gaps, "standard errors:", ses)
+    for i in range(2):
+        step = means[i + 1] - means[i]
+        assert step > 4 * math.hypot(ses[i], ses[i + 1]), (means, ses)
+        assert gaps[i + 1] < 0.8 * gaps[i], gaps
+    assert all(gap > -3 * se for gap, se in zip(gaps, ses, strict=True)), (gaps, ses)
+
+
+def test_iwae_bound_gradients():
+    model = LinearGaussian(latent_dim=2, data_dim=3)
+    x = model.sample_x(2)
+    m, lv = model.posterior(x)
+    m, lv, x = m + 0.3, lv - 0.2, x - model.b  # a perturbed q; the decoder is z -> W z
+    ll = model.log_likelihood_fn()
+    key = jax.random.key(21)
+
+    def mean_bound(m, lv, w, x):
+        return jnp.mean(losses.iwae_bound(key, lambda z: z @ w.T, x, m, lv, ll, num_samples=5))
+
+    # float32: the gradient of the mean bound is finite and reaches every input.
+    m32, lv32, w32, x32 = f32(m, lv, model.W, x)
+    grads = jax.jit(jax.grad(mean_bound, argnums=(0, 1, 2)))(m32, lv32, w32, x32)
+    assert all(g.shape == a.shape for g, a in zip(grads, (m32, lv32, w32), strict=True))
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
+    # float64: the gradient matches finite differences (the noise is fixed by the key).
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (m, lv, model.W))
+        x64 = jnp.asarray(x, jnp.float64)
+        check_grads(
+            jax.jit(lambda m, lv, w: mean_bound(m, lv, w, x64)),
+            args,
+            order=1,
+            modes=["fwd", "rev"],
+        )
+
+
+def test_iwae_bound_shares_noise_with_chunked_iwae():
+    model = LinearGaussian()
+    x = model.sample_x(3)
+    m, lv = model.posterior(x)
+    args = (model.decode_fn(), *f32(x, m + 0.3, lv + 0.3), model.log_likelihood_fn())
+    key = jax.random.key(17)
+    for k in (1, 12):
+        bound = losses.iwae_bound(jax.random.fold_in(key, 0), *args, num_samples=k)
+        chunked = losses.iwae_log_likelihood(key, *args, num_samples=k, chunk_size=k)
+        np.testing.assert_allclose(bound, chunked, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        losses.iwae_bound(key, *args, num_samples=0)
+
+
 # ----------------------------------- vanilla VAE loss ---------------------------------------
 
 
@@ -356,7 +513,7 @@ def test_vanilla_vae_loss_matches_pytorch_formula():
     w = 0.00025
     recons_loss = np.mean((rec - x) ** 2)  # F.mse_loss, reduction='mean'
     kld_loss = np.mean(-0.5 * np.sum(1 + log_var - mu**2 - np.exp(log_var), axis=1), axis=0)
-    loss, metrics = losses.vanilla_vae_loss(*f32(rec, x, mu, log_var), w)
+    loss, metrics = losses.vanilla_vae_loss(*f32(rec, x, mu, log_var), kld_weight=w)
     np.testing.assert_allclose(loss, recons_loss + w * kld_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["reconstruction_loss"], recons_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["kl"], kld_loss, rtol=1e-5)
@@ -371,7 +528,7 @@ def test_vanilla_vae_loss_is_a_rescaled_negative_elbo():
     mu, log_var = f32(*rng.normal(size=(2, 6, 5)))
     w, n = 0.00025, 8 * 8 * 3
     s2 = w * n / 2
-    loss, _ = losses.vanilla_vae_loss(rec, x, mu, log_var, w)
+    loss, _ = losses.vanilla_vae_loss(rec, x, mu, log_var, kld_weight=w)
     neg_elbo = -(
         losses.gaussian_log_likelihood(x, rec, math.log(s2)) - losses.gaussian_kl(mu, log_var)
     )
@@ -390,29 +547,52 @@ def _all_functions():
     dec, ll = model.decode_fn(), model.log_likelihood_fn()
     key = jax.random.key(11)
     return {
-        "reparameterize": (lambda k, m, lv, x: losses.reparameterize(k, m, lv, 3), (key, m, lv, x)),
-        "gaussian_kl": (lambda k, m, lv, x: losses.gaussian_kl(m, lv, 0.5, -0.2), (key, m, lv, x)),
+        "reparameterize": (
+            lambda k, m, lv, x: losses.reparameterize(k, m, lv, num_samples=3),
+            (key, m, lv, x),
+        ),
+        "gaussian_kl": (
+            lambda k, m, lv, x: losses.gaussian_kl(m, lv, prior_mean=0.5, prior_logvar=-0.2),
+            (key, m, lv, x),
+        ),
         "bernoulli": (
             lambda k, m, lv, x: losses.bernoulli_log_likelihood(
-                (x > 0).astype(jnp.float32), x[..., ::-1], 1
+                (x > 0).astype(jnp.float32), x[..., ::-1], event_ndim=1
             ),
             (key, m, lv, x),
         ),
         "gaussian_ll": (
-            lambda k, m, lv, x: losses.gaussian_log_likelihood(x, x[..., ::-1] * 0.5, 0.3, 1),
+            lambda k, m, lv, x: losses.gaussian_log_likelihood(
+                x, x[..., ::-1] * 0.5, 0.3, event_ndim=1
+            ),
             (key, m, lv, x),
         ),
         "mc_reconstruction": (
-            lambda k, m, lv, x: losses.mc_reconstruction(k, dec, x, m, lv, ll, 4),
+            lambda k, m, lv, x: losses.mc_reconstruction(k, dec, x, m, lv, ll, num_samples=4),
             (key, m, lv, x),
         ),
-        "elbo": (lambda k, m, lv, x: losses.elbo(k, dec, x, m, lv, ll, 2, 0.5), (key, m, lv, x)),
+        "elbo": (
+            lambda k, m, lv, x: losses.elbo(k, dec, x, m, lv, ll, num_samples=2, beta=0.5),
+            (key, m, lv, x),
+        ),
         "iwae": (
-            lambda k, m, lv, x: losses.iwae_log_likelihood(k, dec, x, m, lv, ll, 10, 4),
+            lambda k, m, lv, x: losses.iwae_log_likelihood(
+                k, dec, x, m, lv, ll, num_samples=10, chunk_size=4
+            ),
+            (key, m, lv, x),
+        ),
+        "iwae_bound": (
+            lambda k, m, lv, x: losses.iwae_bound(k, dec, x, m, lv, ll, num_samples=5),
+            (key, m, lv, x),
+        ),
+        "log_importance_weights": (
+            lambda k, m, lv, x: losses.log_importance_weights(
+                dec, x, m, lv, jax.random.normal(k, (4, *m.shape)), ll
+            ),
             (key, m, lv, x),
         ),
         "vanilla": (
-            lambda k, m, lv, x: losses.vanilla_vae_loss(x * 0.9, x, m, lv, 0.01),
+            lambda k, m, lv, x: losses.vanilla_vae_loss(x * 0.9, x, m, lv, kld_weight=0.01),
             (key, m, lv, x),
         ),
     }
@@ -459,7 +639,7 @@ def test_mismatched_shapes_raise_at_trace_time():
     with pytest.raises(ValueError, match=r"\(2, 8, 8, 1\).*\(2, 8, 8, 3\)"):
         jax.jit(losses.gaussian_log_likelihood)(x, out)
     with pytest.raises(ValueError, match=r"\(2, 8, 8, 3\).*\(2, 8, 8, 1\)"):
-        losses.vanilla_vae_loss(out, x, jnp.zeros((2, 3)), jnp.zeros((2, 3)), 1.0)
+        losses.vanilla_vae_loss(out, x, jnp.zeros((2, 3)), jnp.zeros((2, 3)), kld_weight=1.0)
     # A decoder whose output does not match x is caught inside the ELBO under jit.
     bad_decode = lambda z: jnp.zeros((*z.shape[:-1], 8, 8, 3))  # noqa: E731
     with pytest.raises(ValueError, match=r"\(2, 8, 8, 1\).*\(1, 2, 8, 8, 3\)"):
@@ -502,7 +682,7 @@ def test_iwae_inside_shard_map_matches_per_shard_calls():
 
     def per_device(key, x, m, lv):
         key = jax.random.fold_in(key, jax.lax.axis_index("data"))
-        return losses.iwae_log_likelihood(key, dec, x, m, lv, ll, 10, 4)
+        return losses.iwae_log_likelihood(key, dec, x, m, lv, ll, num_samples=10, chunk_size=4)
 
     mesh = Mesh(jax.devices(), ("data",))
     sharded = jax.jit(
@@ -521,8 +701,8 @@ def test_iwae_inside_shard_map_matches_per_shard_calls():
             m[2 * i : 2 * i + 2],
             lv[2 * i : 2 * i + 2],
             ll,
-            10,
-            4,
+            num_samples=10,
+            chunk_size=4,
         )
         for i in range(n_dev)
     ]
