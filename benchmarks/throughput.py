@@ -108,22 +108,21 @@ class TrainBench:
     def __init__(self, config, num_devices: int = 1, num_batches: int = 2):
         import jax
 
+        from jaxvae import mesh as mesh_lib
         from jaxvae import optim, train_state, train_step
 
         self.config = config
         devices = jax.devices()[:num_devices]
         if len(devices) < num_devices:
             raise ValueError(f"asked for {num_devices} devices, only {len(devices)} available")
-        mesh = train_step.make_mesh(devices)
+        mesh = mesh_lib.make_mesh(devices)
         shape = image_shape(config)
-        model = train_state.build_model(config, shape, axis_name=train_step.DATA_AXIS)
+        model = train_state.build_model(config, shape, axis_name=mesh_lib.DATA_AXIS)
         tx, _ = optim.create_optimizer(config.optimizer, config.num_train_steps, 1000)
-        self.state = train_state.replicate(
-            train_state.init_train_state(model, tx, config.seed), mesh
-        )
+        self.state = mesh_lib.replicate(train_state.init_train_state(model, tx, config.seed), mesh)
         keys = jax.random.split(jax.random.key(1), num_batches)
         self.batches = [
-            train_step.shard_batch(
+            mesh_lib.shard_batch(
                 jax.device_get(random_images(config, k, (config.batch_size, *shape))), mesh
             )
             for k in keys
@@ -153,22 +152,23 @@ class EvalBench:
     def __init__(self, config, num_devices: int, iwae_samples: int, iwae_chunk: int):
         import jax
 
-        from jaxvae import evaluate, train_state, train_step
+        from jaxvae import evaluate, train_state
+        from jaxvae import mesh as mesh_lib
 
         config.eval.iwae_samples = iwae_samples
         config.eval.iwae_chunk_size = iwae_chunk
         devices = jax.devices()[:num_devices]
-        mesh = train_step.make_mesh(devices)
+        mesh = mesh_lib.make_mesh(devices)
         shape = image_shape(config)
-        model = train_state.build_model(config, shape, axis_name=train_step.DATA_AXIS)
+        model = train_state.build_model(config, shape, axis_name=mesh_lib.DATA_AXIS)
         variables = model.init(
             {"params": jax.random.key(0)}, jax.numpy.zeros((1, *shape)), jax.random.key(0)
         )
-        self.variables = train_state.replicate(variables, mesh)
+        self.variables = mesh_lib.replicate(variables, mesh)
         batch = config.eval.batch_size
         images = jax.device_get(random_images(config, jax.random.key(2), (batch, *shape)))
-        self.images = train_step.shard_batch(images, mesh)
-        self.mask = train_step.shard_batch(jax.numpy.ones((batch,), bool), mesh)
+        self.images = mesh_lib.shard_batch(images, mesh)
+        self.mask = mesh_lib.shard_batch(jax.numpy.ones((batch,), bool), mesh)
         self.key = jax.random.key(3)
         step = evaluate.make_eval_step(model, config, mesh)
         t0 = time.perf_counter()

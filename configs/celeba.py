@@ -8,15 +8,13 @@ PyTorch-VAE's ``vanilla_vae_loss``; switch to the true ELBO with ``--config.obje
 
 from jaxvae.config_utils import base_config
 
-CELEBA_TRAIN_IMAGES = 162_770
-
 
 def get_config():
     config = base_config()
     config.name = "celeba"
     config.seed = 1265
     config.batch_size = 64
-    config.num_train_steps = 100 * (CELEBA_TRAIN_IMAGES // 64)  # 100 epochs
+    config.num_epochs = 100.0  # resolved to steps at run time from the split size and batch
     config.log_every_steps = 200
     config.eval_every_steps = 5_000
     config.checkpoint_every_steps = 2_500

@@ -17,6 +17,6 @@ def get_config():
     config.model.output_activation = "tanh"
     # sigma = 0.1 on the [-1, 1] scale: with the unit variance a Gaussian ELBO ignores detail.
     config.model.obs_logvar = 2 * math.log(0.1)
-    config.num_train_steps = 50_000
+    config.num_epochs = 128.0  # 50,000 steps at batch 128
     config.eval.batch_size = 400
     return config

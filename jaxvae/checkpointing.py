@@ -4,6 +4,12 @@ Layout: ``<workdir>/checkpoints/<step>/{state, data_iter, metrics}``. ``state`` 
 :class:`~jaxvae.train_state.TrainState` (params, batch_stats, opt_state, step, PRNG key);
 ``data_iter`` is the input iterator's JSON state, so a resumed run sees the same batches.
 
+Several processes: every process takes part in every save and restore (orbax writes each
+process's shards of ``state``, then process 0 commits the step by renaming its temporary
+folder, so a step folder is complete or absent). ``data_iter`` is written by process 0 alone
+and read back by every process; that is right because the iterator state is a position in the
+*global* batch stream, the same in every process; :func:`save` checks that it is.
+
 Retention (one ``CheckpointManager``, one preservation policy): keep the latest
 ``keep_checkpoints`` steps, *and* the single best step by test negative ELBO among the
 checkpoints saved with eval metrics (``AnyPreservationPolicy(LatestN, BestN)``). Checkpoints
@@ -16,6 +22,8 @@ Saving is asynchronous: call :func:`close` (which waits) before the process exit
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +98,35 @@ def save(
     """Starts an asynchronous save of ``state`` and ``data_state`` at ``step``.
 
     ``metrics`` (with ``test_neg_elbo``) marks a checkpoint as a candidate for "best".
+    Raises :class:`CheckpointError` when this save, or the previous asynchronous one, fails.
     """
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=ocp.args.JsonSave(_jsonable(data_state)),
-        ),
-        metrics=metrics,
-        force=True,
+    _check_same_in_every_process(data_state)
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data_iter=ocp.args.JsonSave(_jsonable(data_state)),
+            ),
+            metrics=metrics,
+            force=True,
+        )
+    except Exception as e:  # noqa: BLE001 - any write failure gets the same actionable message
+        raise write_error(manager, e) from e
+
+
+def _check_same_in_every_process(data_state: dict[str, Any]) -> None:
+    """Raises unless every process holds the same iterator state (one copy is written)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    text = json.dumps(_jsonable(data_state), sort_keys=True).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint32)
+    multihost_utils.assert_equal(
+        digest,
+        "the input iterators of the processes are in different states, but a checkpoint "
+        "holds one iterator state (process 0's); every process would resume from it",
     )
 
 
@@ -165,10 +193,37 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
     return restored["state"], restored["data_iter"]
 
 
+def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> CheckpointError:
+    """The one message for a checkpoint that could not be written (no space, no permission)."""
+    directory = Path(manager.directory)
+    kept = sorted(manager.all_steps()) if not isinstance(cause, MemoryError) else []
+    return CheckpointError(
+        f"Could not write a checkpoint in {directory}: {_root_cause(cause)}. The checkpoints "
+        f"already there ({', '.join(map(str, kept)) or 'none'}) are intact; make room or fix "
+        "the folder's permissions, then run the same command again to resume from the latest."
+    )
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's ``Type: message`` (orbax wraps the OS error several times)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}"
+
+
 def close(manager: ocp.CheckpointManager) -> None:
-    """Waits for pending asynchronous saves, then releases the manager."""
-    manager.wait_until_finished()
-    manager.close()
+    """Waits for pending asynchronous saves, then releases the manager.
+
+    Raises :class:`CheckpointError` when a pending save failed.
+    """
+    error = None
+    for finish in (manager.wait_until_finished, manager.close):  # close even after a failure
+        try:
+            finish()
+        except Exception as e:  # noqa: BLE001 - reported once, as the first failure
+            error = error or write_error(manager, e)
+    if error is not None:
+        raise error
 
 
 __all__ = [
@@ -180,4 +235,5 @@ __all__ = [
     "create_manager",
     "restore",
     "save",
+    "write_error",
 ]

@@ -11,7 +11,7 @@ import difflib
 import importlib.util
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "mnist"  # default workdir is runs/<name>
     c.seed = 0  # the whole run (init, noise, data order) is reproducible from it
     c.batch_size = 128  # GLOBAL batch, split over all devices of all processes
-    c.num_train_steps = 10_000
+    # Length of the run: num_train_steps when >= 0, else num_epochs passes over the training
+    # split, resolved to steps at run time from the split's size and the global batch (so a
+    # different batch_size trains the same number of epochs). 20 epochs = 9,375 steps here.
+    c.num_train_steps = -1
+    c.num_epochs = 20.0
     c.log_every_steps = 100  # metrics are fetched from the devices only this often
     c.eval_every_steps = 2_000
     c.checkpoint_every_steps = 1_000
@@ -176,35 +180,130 @@ def model_config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a | b) if a.get(k) != b.get(k)]
 
 
+def resolve_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """The run's number of steps: ``num_train_steps``, or ``num_epochs`` rounded up to a step.
+
+    ``num_train_steps = -1`` means "use ``num_epochs``": ``ceil(num_epochs * N / batch_size)``
+    for a training split of ``N`` examples, so a run says how long it trains in the unit that
+    stays meaningful when the batch size changes (as flax's imagenet example does).
+    """
+    if config.num_train_steps >= 0:
+        return int(config.num_train_steps)
+    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size - 1e-9))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# field -> (check, what is allowed). Every leaf of base_config() has an entry (a test checks).
+_INT_GE = lambda lo: (lambda v: _is_int(v) and v >= lo, f"an integer >= {lo}")  # noqa: E731
+_NUM_GE = lambda lo: (lambda v: _is_number(v) and v >= lo, f"a finite number >= {lo}")  # noqa: E731
+_ONE_OF = lambda *c: (lambda v: v in c, f"one of {', '.join(map(repr, c))}")  # noqa: E731
+_OPT_INT_GE = lambda lo: (  # noqa: E731
+    lambda v: v is None or (_is_int(v) and v >= lo),
+    f"unset or an integer >= {lo}",
+)
+_OPT_STR = (lambda v: v is None or isinstance(v, str), "unset or a path")
+_NONEMPTY_STR = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (
+        lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v and v not in (".", ".."),
+        "a non-empty name without '/' (it names the default workdir runs/<name>)",
+    ),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)"),
+    "batch_size": _INT_GE(1),
+    "num_train_steps": _INT_GE(-1),
+    "num_epochs": _NUM_GE(0),
+    "log_every_steps": _INT_GE(1),
+    "eval_every_steps": _INT_GE(1),
+    "checkpoint_every_steps": _INT_GE(1),
+    "keep_checkpoints": _INT_GE(1),
+    "objective": _ONE_OF(*OBJECTIVES),
+    "beta": _NUM_GE(0),
+    "kl_warmup_steps": _INT_GE(0),
+    "kld_weight": _NUM_GE(0),
+    "data.name": _NONEMPTY_STR,
+    "data.data_dir": _OPT_STR,
+    "data.manual_dir": _OPT_STR,
+    "data.train_split": _NONEMPTY_STR,
+    "data.eval_split": _NONEMPTY_STR,
+    "data.binarize": _ONE_OF("dynamic", "none"),
+    "data.pixel_range": _ONE_OF("unit", "symmetric"),
+    "data.image_size": _OPT_INT_GE(1),
+    "data.center_crop": _OPT_INT_GE(1),
+    "data.in_memory": (lambda v: isinstance(v, bool), "True or False"),
+    "data.shuffle_buffer": _INT_GE(1),
+    "model.latent_dim": _INT_GE(1),
+    "model.hidden_dims": (
+        lambda v: (
+            isinstance(v, tuple | list) and len(v) >= 1 and all(_is_int(h) and h >= 1 for h in v)
+        ),
+        'a non-empty tuple of positive integers, e.g. --config.model.hidden_dims="(32,64,128)"',
+    ),
+    "model.likelihood": _ONE_OF("bernoulli", "gaussian"),
+    "model.output_activation": _ONE_OF("none", "tanh"),
+    "model.obs_logvar": (_is_number, "a finite number"),
+    "model.conv_impl": _ONE_OF("auto", "xla", "subpixel", "gemm"),
+    "model.dtype": _ONE_OF("float32", "bfloat16"),
+    "optimizer.name": _ONE_OF(*OPTIMIZERS),
+    "optimizer.learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "optimizer.schedule": _ONE_OF(*SCHEDULES),
+    "optimizer.decay_rate": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "optimizer.transition_steps": _INT_GE(0),
+    "optimizer.warmup_steps": _INT_GE(0),
+    "optimizer.weight_decay": _NUM_GE(0),
+    "optimizer.grad_clip_norm": _NUM_GE(0),
+    "optimizer.b1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.b2": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eval.batch_size": _INT_GE(1),
+    "eval.iwae_samples": _INT_GE(1),
+    "eval.iwae_chunk_size": _INT_GE(0),
+    "eval.num_image_grid": _INT_GE(1),
+    "eval.interpolation_steps": _INT_GE(2),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks the fields whose errors would otherwise surface deep inside JAX."""
+    """Checks every field's type and range, and the combinations that matter, before any work.
+
+    Raises :class:`ConfigError` with one message naming the field, the value and what is
+    allowed. Checks that need the dataset (a crop larger than its images, a split it does
+    not have) are made by ``jaxvae.input_pipeline.get_dataset_info``.
+    """
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    for field, (ok, allowed) in FIELD_RULES.items():
+        try:
+            value = _get(config, field)
+        except (KeyError, AttributeError):
+            continue  # a field this config does not have (configs may drop none; see the test)
+        need(
+            ok(value),
+            f"config.{field}={value!r} is not allowed: it must be {allowed} "
+            f"(set it with --config.{field}=...).",
+        )
     need(
-        config.objective in OBJECTIVES,
-        f"config.objective must be one of {OBJECTIVES}, got {config.objective!r}.",
+        config.num_train_steps >= 0 or config.num_epochs > 0,
+        f"config.num_epochs must be > 0 when config.num_train_steps is -1; got "
+        f"{config.num_epochs}.",
     )
     need(
-        config.optimizer.name in OPTIMIZERS,
-        f"config.optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}.",
-    )
-    need(
-        config.optimizer.schedule in SCHEDULES,
-        f"config.optimizer.schedule must be one of {SCHEDULES}, got {config.optimizer.schedule!r}.",
-    )
-    need(config.num_train_steps >= 0, "config.num_train_steps must be >= 0.")
-    for field in (
-        "log_every_steps",
-        "eval_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-    ):
-        need(config[field] >= 1, f"config.{field} must be >= 1, got {config[field]}.")
-    need(
-        config.batch_size >= 1 and config.batch_size % num_devices == 0,
+        config.batch_size % num_devices == 0,
         f"config.batch_size={config.batch_size} is not divisible by the number of devices "
         f"({num_devices}): the global batch is split evenly over them. Use a multiple of "
         f"{num_devices}, e.g. --config.batch_size="
@@ -212,9 +311,46 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
     # (config.eval.batch_size is rounded up to a multiple of the device count instead: the
     # padding is masked, so it changes no result.)
-    need(config.eval.batch_size >= 1, "config.eval.batch_size must be >= 1.")
-    need(config.eval.iwae_samples >= 1, "config.eval.iwae_samples must be >= 1.")
-    need(config.kl_warmup_steps >= 0, "config.kl_warmup_steps must be >= 0.")
+    need(
+        config.model.likelihood != "bernoulli" or config.data.pixel_range == "unit",
+        "config.model.likelihood='bernoulli' models pixels in [0, 1], but "
+        f"config.data.pixel_range={config.data.pixel_range!r}; use --config.data.pixel_range=unit "
+        "or --config.model.likelihood=gaussian.",
+    )
+    need(
+        config.model.output_activation == "none" or config.model.likelihood == "gaussian",
+        "config.model.output_activation='tanh' only applies to the Gaussian likelihood (the "
+        "Bernoulli decoder outputs logits); use --config.model.output_activation=none.",
+    )
+    need(
+        config.model.output_activation != "tanh" or config.data.pixel_range == "symmetric",
+        "config.model.output_activation='tanh' produces values in [-1, 1]; it needs "
+        "--config.data.pixel_range=symmetric.",
+    )
+    need(
+        config.optimizer.schedule != "warmup_cosine" or config.optimizer.warmup_steps > 0,
+        "config.optimizer.schedule='warmup_cosine' needs --config.optimizer.warmup_steps > 0.",
+    )
+
+
+# Fields a resumed run must share with the run that wrote the checkpoints: they fix the data
+# order and the meaning of the saved data position.
+RESUME_FIELDS = ("seed", "batch_size", "data.name", "data.train_split", "data.binarize")
+
+
+def resume_config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Lines ``field: old -> new`` for the :data:`RESUME_FIELDS` that differ."""
+
+    def get(d: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d.get(part, {}) if isinstance(d, dict) else None
+        return d
+
+    return [
+        f"{k}: {get(old, k)!r} -> {get(new, k)!r}"
+        for k in RESUME_FIELDS
+        if get(old, k) != get(new, k)
+    ]
 
 
 __all__ = [
@@ -230,6 +366,8 @@ __all__ = [
     "model_config_diff",
     "model_signature",
     "override_keys",
+    "resolve_train_steps",
+    "resume_config_diff",
     "to_dict",
     "validate",
 ]

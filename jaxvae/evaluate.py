@@ -19,7 +19,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxvae import losses, models
-from jaxvae.train_step import DATA_AXIS, shard_batch
+from jaxvae.mesh import DATA_AXIS, shard_batch
 
 SUM_KEYS = ("neg_elbo", "reconstruction", "kl", "nll_iwae", "count")
 
@@ -51,7 +51,14 @@ def make_eval_step(
             elbo_key, decode_fn, images, mean, logvar, log_likelihood_fn
         )
         log_px = losses.iwae_log_likelihood(
-            iwae_key, decode_fn, images, mean, logvar, log_likelihood_fn, num_samples, chunk_size
+            iwae_key,
+            decode_fn,
+            images,
+            mean,
+            logvar,
+            log_likelihood_fn,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
         )
         w = mask.astype(jnp.float32)
         sums = {
@@ -106,8 +113,8 @@ def evaluate(
     if n <= 0:
         raise ValueError("the eval split has no real (unmasked) examples")
     out = {k: totals[k] / n for k in SUM_KEYS if k != "count"}
-    out["bits_per_dim"] = float(losses.bits_per_dim(out["nll_iwae"], num_dims))
-    out["bits_per_dim_elbo"] = float(losses.bits_per_dim(out["neg_elbo"], num_dims))
+    out["bits_per_dim"] = float(losses.bits_per_dim(out["nll_iwae"], num_dims=num_dims))
+    out["bits_per_dim_elbo"] = float(losses.bits_per_dim(out["neg_elbo"], num_dims=num_dims))
     out["num_examples"] = int(round(n))
     return out
 

@@ -3,14 +3,11 @@
 Why. XLA's CPU backend allocates the buffers of every step (outputs and the temporaries of a
 jitted step, hundreds of MB for the seed VAE) with ``malloc``; glibc serves allocations that
 large with a fresh ``mmap`` and returns them with ``munmap``, so every step first-touches all
-of that memory again, 4 KiB page by 4 KiB page. Page faults are serialised in the kernel, so
-the second core helps little. Measured on a 2-core AMD EPYC (transparent huge pages in
-``madvise`` mode, glibc 2.36; ``benchmarks/alloc_probe.py``): a ``jit`` of ``z * 2`` over
-75 MB took 29.8 ms into a new buffer and 9.2 ms into a donated one; with glibc's tunable
-``glibc.malloc.hugetlb=1`` (glibc >= 2.35: ``madvise(MADV_HUGEPAGE)`` on large ``mmap``
-chunks) the new-buffer case took 12.4 ms, and the seed VAE's training step ran about
-1.2-1.3x faster (``benchmarks/README.md``). It changes no result, only how the kernel backs
-the memory.
+of that memory again, 4 KiB page by 4 KiB page, and page faults are serialised in the
+kernel. glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35: ``madvise(MADV_HUGEPAGE)``
+on large ``mmap`` chunks) backs them with 2 MiB pages instead, which makes the CPU training
+step markedly faster (``benchmarks/alloc_probe.py``, ``benchmarks/README.md``). It changes no
+result, only how the kernel backs the memory.
 
 glibc reads tunables once, when the process starts, so the setting cannot be applied from
 inside a running interpreter: :func:`reexec_with_hugepages` re-executes the current command

@@ -17,9 +17,9 @@ Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,17 @@ from jax.sharding import Mesh
 from jaxvae import (
     checkpointing,
     config_utils,
+    distributed,
     evaluate,
     host_memory,
     input_pipeline,
     optim,
+    preemption,
     reporting,
 )
 from jaxvae import train_state as ts
-from jaxvae.train_step import DATA_AXIS, make_mesh, make_train_step, shard_batch
+from jaxvae.mesh import DATA_AXIS, make_mesh, replicated_sharding, shard_batch
+from jaxvae.train_step import make_train_step
 
 # Offset folded into the seed for evaluation noise: evaluation never consumes training noise,
 # so evaluating more or less often does not change the training run.
@@ -64,50 +67,27 @@ class _Programs:
     pictures: Any
 
 
-# Fields that do not change any compiled function: left out of the cache key.
-_NOT_COMPILED = (
-    "name",
-    "num_train_steps",
-    "log_every_steps",
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-)
-
-
-def _program_key(config: ml_collections.ConfigDict) -> str:
-    d = config_utils.to_dict(config)
-    for k in _NOT_COMPILED:
-        if k != "num_train_steps" or config.optimizer.schedule in ("constant", "exponential"):
-            d.pop(k)
-    d["data"] = {k: d["data"][k] for k in ("name", "image_size", "center_crop")}
-    return json.dumps(d, sort_keys=True)
-
-
-@functools.lru_cache(maxsize=4)
-def _programs(
-    key: str, image_shape: tuple[int, int, int], steps_per_epoch: int, mesh: Mesh
+def _build_programs(
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, int, int],
+    num_train_steps: int,
+    steps_per_epoch: int,
+    mesh: Mesh,
 ) -> _Programs:
-    """Builds (once per process and config) the model, optimizer and jitted step functions.
-
-    Cached so that calling :func:`train_and_evaluate` again in the same process (a notebook, a
-    resumed run in a test) reuses the compiled programs instead of compiling them again.
-    """
-    config = config_utils.from_dict(json.loads(key))
+    """The model, optimizer and jitted step functions of ``config`` (compiled on first call)."""
     model = ts.build_model(config, image_shape, DATA_AXIS)
     eval_model = ts.build_model(config, image_shape, None)
-    tx, schedule = optim.create_optimizer(config.optimizer, config.num_train_steps, steps_per_epoch)
+    tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
 
     def init_fn():
         return ts.init_train_state(model, tx, config.seed)
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return _Programs(
         model=model,
         eval_model=eval_model,
         schedule=schedule,
         init_fn=init_fn,
-        init=jax.jit(init_fn, out_shardings=replicated),
+        init=jax.jit(init_fn, out_shardings=replicated_sharding(mesh)),
         train_step=make_train_step(model, tx, config, mesh, config.batch_size),
         eval_step=evaluate.make_eval_step(model, config, mesh),
         pictures=evaluate.make_picture_fn(
@@ -122,6 +102,7 @@ class _Setup:
     workdir: Path
     mesh: Mesh
     info: Any
+    num_train_steps: int  # resolved from config.num_train_steps or config.num_epochs
     programs: _Programs
     manager: Any
     target: Any  # abstract TrainState
@@ -132,21 +113,36 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
     workdir = Path(workdir)
     mesh = make_mesh()
     config_utils.validate(config, mesh.size)
+    if for_training:
+        _check_writable(workdir)
     info = input_pipeline.get_dataset_info(config.data)  # raises DatasetNotFoundError
 
     config_path = workdir / "config.json"
-    if config_path.exists():
+    if config_path.exists() and (workdir / "checkpoints").exists():
         old = json.loads(config_path.read_text())
-        diff = config_utils.model_config_diff(old, config_utils.to_dict(config))
-        if diff and (workdir / "checkpoints").exists():
+        new = config_utils.to_dict(config)
+        diff = config_utils.model_config_diff(old, new)
+        if diff:
             raise WorkdirMismatchError(
                 f"The workdir {workdir} holds a run of a different model; its config.json "
                 f"differs in:\n  " + "\n  ".join(diff) + "\nNothing was changed. Use a fresh "
                 "--workdir, or the config that wrote this workdir."
             )
+        diff = config_utils.resume_config_diff(old, new) if for_training else []
+        if diff:
+            raise WorkdirMismatchError(
+                f"The workdir {workdir} holds a run that cannot be resumed with these settings "
+                f"(they fix the data order and position saved in its checkpoints):\n  "
+                + "\n  ".join(diff)
+                + "\nNothing was changed. Resume with the values in its config.json, or use a "
+                "fresh --workdir."
+            )
 
     steps_per_epoch = max(1, info.num_train // config.batch_size)
-    programs = _programs(_program_key(config), tuple(info.image_shape), steps_per_epoch, mesh)
+    num_train_steps = config_utils.resolve_train_steps(config, info.num_train)
+    programs = _build_programs(
+        config, tuple(info.image_shape), num_train_steps, steps_per_epoch, mesh
+    )
     target = ts.abstract_state(programs.init_fn, mesh)
     ckpt_dir = workdir / "checkpoints"
     manager = None
@@ -164,7 +160,24 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
             f"No checkpoints in {ckpt_dir}: train first "
             f"(python train.py --config <config> --workdir {workdir})."
         )
-    return _Setup(config, workdir, mesh, info, programs, manager, target)
+    distributed.sync_processes("jaxvae:setup")  # all inspected the workdir; none wrote yet
+    return _Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
+
+
+def _check_writable(workdir: Path) -> None:
+    """Refuses a workdir that is a file, or that cannot be written, before anything happens."""
+    if workdir.exists() and not workdir.is_dir():
+        raise config_utils.ConfigError(
+            f"--workdir {workdir} is a file, not a folder; choose another --workdir."
+        )
+    existing = workdir
+    while not existing.exists():  # the folder itself, or the ancestor it would be made in
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise config_utils.ConfigError(
+            f"--workdir {workdir} cannot be written ({existing} is not a writable folder); "
+            "choose a folder you can write to."
+        )
 
 
 def _eval_key(config: ml_collections.ConfigDict) -> jax.Array:
@@ -186,9 +199,12 @@ def _run_eval(s: _Setup, eval_step, state: ts.TrainState) -> dict[str, float]:
 
 
 def _first_eval_images(s: _Setup, count: int) -> np.ndarray:
-    """Up to ``count`` real images from the start of the eval split (for the picture grids)."""
+    """Up to ``count`` real images from the start of the eval split (for the picture grids).
+
+    Read as by a single process (all rows), so the pictures do not depend on the process count.
+    """
     out = []
-    for batch in input_pipeline.create_eval_batches(s.config.data, _eval_batch_size(s)):
+    for batch in input_pipeline.create_eval_batches(s.config.data, _eval_batch_size(s), 0, 1):
         out.append(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
         if sum(len(o) for o in out) >= count:
             break
@@ -244,7 +260,11 @@ def _test_metrics(ev: dict[str, float]) -> dict[str, float]:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | Path, progress_stream=None
 ) -> dict[str, Any]:
-    """Trains ``config.num_train_steps`` steps in ``workdir`` (resuming), returns ``results.json``.
+    """Trains ``workdir``'s run to its last step (resuming), evaluates, returns ``results.json``.
+
+    The length of the run is ``config.num_train_steps``, or ``config.num_epochs`` of the
+    training split at ``config.batch_size`` when ``num_train_steps`` is -1
+    (:func:`jaxvae.config_utils.resolve_train_steps`).
 
     Raises (before writing anything): ``config_utils.ConfigError``,
     ``input_pipeline.DatasetNotFoundError``, :class:`WorkdirMismatchError`,
@@ -253,6 +273,7 @@ def train_and_evaluate(
     s = _setup(config, workdir, for_training=True)
     cfg = s.config
     workdir = s.workdir
+    num_steps = s.num_train_steps
     manager = checkpointing.create_manager(workdir / "checkpoints", cfg.keep_checkpoints)
     start_step = 0
     data_state = None
@@ -279,82 +300,156 @@ def train_and_evaluate(
     # Files are written by process 0 only (every process holds the same replicated values).
     is_main = jax.process_index() == 0
     writer = reporting.MetricsWriter(workdir, start_step) if is_main else None
-    progress = reporting.Progress(cfg.num_train_steps, start_step, cfg.batch_size, progress_stream)
+    progress = reporting.Progress(num_steps, start_step, cfg.batch_size, progress_stream)
     timer = reporting.Timer()
     if start_step:
         progress.message(f"Resumed from {workdir / 'checkpoints'} at step {start_step}.")
     progress.message(
-        f"Training {cfg.name} on {s.mesh.size} device(s) ({jax.devices()[0].platform}), "
-        f"global batch {cfg.batch_size}, {cfg.num_train_steps} steps, workdir {workdir}"
+        f"Training {cfg.name} on {s.mesh.size} device(s) ({jax.devices()[0].platform})"
+        f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}, "
+        f"global batch {cfg.batch_size}, {num_steps} steps "
+        f"({num_steps * cfg.batch_size / s.info.num_train:.4g} epochs), workdir {workdir}"
         f"{'; huge-page malloc' if host_memory.hugepages_active() else ''}."
     )
 
     last_eval: dict[str, float] | None = None
+    results: dict[str, Any] | None = None
     pending: list[dict[str, jax.Array]] = []
     window_start = start_step
-    try:
-        for step in range(start_step, cfg.num_train_steps):
-            batch = next(train_iter)
-            state, metrics = train_step(state, shard_batch(batch["image"], s.mesh))
-            pending.append(metrics)
-            done = step + 1
-            progress.update(done)
-            is_last = done == cfg.num_train_steps
-            record: dict[str, float] = {}  # one metrics.jsonl line per logged step
-            if done % cfg.log_every_steps == 0 or is_last:
-                host = jax.device_get(pending)  # the only sync with the devices per window
-                rate = timer.mark((done - window_start) * cfg.batch_size)
-                means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                means["learning_rate"] = float(s.programs.schedule(done - 1))
-                means["images_per_second"] = rate
-                record.update({f"train_{k}": v for k, v in means.items()})
-                progress.log(done, means, rate)
-                pending, window_start = [], done
-            do_eval = done % cfg.eval_every_steps == 0 or is_last
-            do_ckpt = done % cfg.checkpoint_every_steps == 0 or is_last
-            if do_eval or do_ckpt:
+    saved_step = latest  # the newest checkpoint known to hold finite values
+    stop = preemption.StopSignal()
+    # Signals are handled until every save has been written (a second Ctrl-C aborts at once).
+    with stop:
+        try:
+            for step in range(start_step, num_steps):
+                batch = next(train_iter)
+                state, metrics = train_step(state, shard_batch(batch["image"], s.mesh))
+                pending.append(metrics)
+                done = step + 1
+                progress.update(done)
+                is_last = done == num_steps
+                stopping = stop.reached(done)  # every process stops at the same step
+                do_log = done % cfg.log_every_steps == 0 or is_last or stopping
+                do_eval = done % cfg.eval_every_steps == 0 or is_last
+                do_ckpt = done % cfg.checkpoint_every_steps == 0 or is_last or stopping
+                if not (do_log or do_eval or do_ckpt):
+                    continue
+                # The only sync with the devices per window; nothing non-finite goes further.
+                host = jax.device_get(pending)
+                _check_finite(host, window_start, s, saved_step)
+                record: dict[str, float] = {}  # one metrics.jsonl line per logged step
+                if do_log:
+                    rate = timer.mark((done - window_start) * cfg.batch_size)
+                    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    means["learning_rate"] = float(s.programs.schedule(done - 1))
+                    means["images_per_second"] = rate
+                    record.update({f"train_{k}": v for k, v in means.items()})
+                    progress.log(done, means, rate)
+                    pending, window_start = [], done
                 jax.block_until_ready(state)  # finish the queued steps inside the window
                 t0 = time.perf_counter()
-            if do_eval:
-                ev = _run_eval(s, eval_step, state)
-                last_eval = _test_metrics(ev)
-                record.update(last_eval)
-                if is_main:
-                    _save_images(s, state, done, writer)
-                progress.message(
-                    f"eval step {done}: neg_elbo {ev['neg_elbo']:.3f}  kl {ev['kl']:.3f}  "
-                    f"nll_iwae(K={cfg.eval.iwae_samples}) {ev['nll_iwae']:.3f}  "
-                    f"bits/dim {ev['bits_per_dim']:.4f}"
-                )
-            if record and writer is not None:
-                writer.write(done, record)
-            if do_eval or do_ckpt:
-                checkpointing.save(
-                    manager, done, state, train_iter.get_state(), last_eval if do_eval else None
-                )
+                if do_eval:
+                    ev = _run_eval(s, eval_step, state)
+                    _check_finite([ev], done - 1, s, saved_step, prefix="test_")
+                    last_eval = _test_metrics(ev)
+                    record.update(last_eval)
+                    if is_main:
+                        _save_images(s, state, done, writer)
+                    progress.message(
+                        f"eval step {done}: neg_elbo {ev['neg_elbo']:.3f}  kl {ev['kl']:.3f}  "
+                        f"nll_iwae(K={cfg.eval.iwae_samples}) {ev['nll_iwae']:.3f}  "
+                        f"bits/dim {ev['bits_per_dim']:.4f}"
+                    )
+                if record and writer is not None:
+                    writer.write(done, record)
+                if is_last:
+                    # Before the last save, so a checkpoint that cannot be written loses no
+                    # result.
+                    results = _results(s, done, last_eval, timer)
+                    if is_main:
+                        reporting.write_json(workdir / "results.json", _finite(results))
+                if do_eval or do_ckpt:
+                    checkpointing.save(
+                        manager, done, state, train_iter.get_state(), last_eval if do_eval else None
+                    )
+                    saved_step = done
                 timer.exclude(time.perf_counter() - t0)
-    finally:
-        progress.close()
-        checkpointing.close(manager)  # waits for asynchronous saves
-        if writer is not None:
-            writer.close()
+                if stopping and not is_last:
+                    break
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+            checkpointing.close(manager)  # waits for asynchronous saves; raises if one failed
 
     final_step = int(jax.device_get(state.step))
-    if last_eval is None:  # nothing left to train: evaluate what was restored
+    if stop.requested and final_step < num_steps:
+        raise preemption.Preempted(
+            f"Stopped by {stop.signal_name} at step {final_step} of {num_steps}: checkpoint "
+            f"saved in {workdir / 'checkpoints' / str(final_step)}. Run the same command "
+            "again to resume from there.",
+            stop.exit_code,
+        )
+    if results is None:  # nothing left to train: evaluate what was restored
         last_eval = _test_metrics(_run_eval(s, eval_step, state))
-    results = {
-        "step": final_step,
-        **last_eval,
+        results = _results(s, final_step, last_eval, timer)
+        if is_main:
+            reporting.write_json(workdir / "results.json", _finite(results))
+    return results
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss, gradient or test metric became NaN/inf; nothing from that step on was saved."""
+
+
+def _check_finite(
+    window: list[dict[str, Any]],
+    first_step: int,
+    s: _Setup,
+    saved_step: int | None,
+    prefix: str = "train_",
+) -> None:
+    """Raises :class:`TrainingDivergedError` at the first step whose metrics are not finite.
+
+    ``window[i]`` holds the metrics of step ``first_step + i + 1``.
+    """
+    for i, metrics in enumerate(window):
+        bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+        if not bad:
+            continue
+        cfg = s.config
+        where = (
+            f"The last good checkpoint is step {saved_step} in {s.workdir / 'checkpoints'}; "
+            "rerunning resumes from it."
+            if saved_step is not None
+            else "No checkpoint had been saved yet."
+        )
+        raise TrainingDivergedError(
+            f"Training diverged: {', '.join(prefix + k for k in bad)} became NaN or infinite at "
+            f"step {first_step + i + 1}. Nothing from that step on was saved. {where} To avoid "
+            f"it, lower the learning rate (--config.optimizer.learning_rate="
+            f"{cfg.optimizer.learning_rate / 10:g}), clip gradients "
+            "(--config.optimizer.grad_clip_norm=1.0) or warm up the KL term "
+            "(--config.kl_warmup_steps=1000)."
+        )
+
+
+def _results(
+    s: _Setup, step: int, last_eval: dict[str, float] | None, timer: reporting.Timer
+) -> dict[str, Any]:
+    """The contents of ``results.json``."""
+    cfg = s.config
+    return {
+        "step": step,
+        **(last_eval or {}),
         "iwae_samples": cfg.eval.iwae_samples,
         "train_images_per_second": timer.images_per_second,
         "num_devices": s.mesh.size,
+        "num_processes": jax.process_count(),
         "global_batch_size": cfg.batch_size,
         "config": cfg.name,
         "objective": cfg.objective,
     }
-    if is_main:
-        reporting.write_json(workdir / "results.json", _finite(results))
-    return results
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
@@ -370,6 +465,13 @@ def _restore_for_inference(
     s = _setup(config, workdir, for_training=False)
     step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
     if step is None:
+        latest = s.manager.latest_step()
+        checkpointing.close(s.manager)
+        if which == "best" and latest is not None:
+            raise checkpointing.CheckpointError(
+                f"No checkpoint in {s.workdir / 'checkpoints'} has been evaluated yet, so there "
+                f"is no best one; use --checkpoint latest (step {latest})."
+            )
         raise checkpointing.CheckpointError(
             f"No checkpoint in {s.workdir / 'checkpoints'}: train first."
         )
@@ -394,7 +496,8 @@ def evaluate_workdir(
             "num_examples": ev["num_examples"],
             "eval_seconds": time.perf_counter() - t0,
         }
-        reporting.write_json(s.workdir / "eval_results.json", _finite(results))
+        if jax.process_index() == 0:  # every process computed the same (replicated) sums
+            reporting.write_json(s.workdir / "eval_results.json", _finite(results))
     finally:
         checkpointing.close(s.manager)
     return results
@@ -407,13 +510,16 @@ def sample_workdir(
     s, state, step = _restore_for_inference(config, workdir, which)
     try:
         # A folder of its own: never overwrite the pictures written during training.
-        paths = _save_images(s, state, step, None, folder="samples")
+        # Process 0 alone draws them (on one of its devices, from the replicated variables).
+        is_main = jax.process_index() == 0
+        paths = _save_images(s, state, step, None, folder="samples") if is_main else []
     finally:
         checkpointing.close(s.manager)
     return paths
 
 
 __all__ = [
+    "TrainingDivergedError",
     "WorkdirMismatchError",
     "evaluate_workdir",
     "sample_workdir",

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxvae import models
+from jaxvae.mesh import replicated_sharding
 
 
 @flax.struct.dataclass
@@ -66,16 +67,11 @@ def init_train_state(model: models.VAE, tx: optax.GradientTransformation, seed: 
     )
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf fully replicated over ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
 def abstract_state(state_fn, mesh: Mesh) -> TrainState:
     """``ShapeDtypeStruct`` tree (replicated shardings) of ``state_fn()``, computing nothing."""
     shapes = jax.eval_shape(state_fn)
-    sharding = NamedSharding(mesh, PartitionSpec())
+    sharding = replicated_sharding(mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-__all__ = ["TrainState", "abstract_state", "build_model", "init_train_state", "replicate"]
+__all__ = ["TrainState", "abstract_state", "build_model", "init_train_state"]

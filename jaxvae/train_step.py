@@ -24,7 +24,6 @@ device costs nothing next to the convolutions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,18 +33,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxvae import losses, models
+from jaxvae.mesh import DATA_AXIS
 from jaxvae.train_state import TrainState
-
-DATA_AXIS = "data"
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    # Auto axes: inputs placed differently are resharded by jit instead of rejected.
-    return jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
-    )
 
 
 def kl_beta(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
@@ -78,7 +67,8 @@ def make_train_step(
     ``images`` is the global batch sharded over ``"data"`` (``B = global_batch_size``). Metrics
     are replicated scalars (global-batch means): ``loss`` (the optimised objective),
     ``neg_elbo`` (beta = 1), ``reconstruction`` (E_q log p(x|z)), ``kl``, ``beta``,
-    ``grad_norm``; plus ``mse`` for the ``vanilla_vae_loss`` objective.
+    ``grad_norm``, ``param_norm`` (after the update); plus ``mse`` for the
+    ``vanilla_vae_loss`` objective.
     """
     if model.axis_name != DATA_AXIS:
         raise ValueError(
@@ -122,7 +112,7 @@ def make_train_step(
             else:
                 recon_image = models.mean_image(config.model.likelihood, outputs)
                 loss, m = losses.vanilla_vae_loss(
-                    recon_image, images, mean, logvar, config.kld_weight
+                    recon_image, images, mean, logvar, kld_weight=config.kld_weight
                 )
                 # A mean over the equal-sized local batch: /num_devices makes the sum over
                 # devices the global-batch mean.
@@ -138,7 +128,10 @@ def make_train_step(
         metrics = {k: lax.psum(v, DATA_AXIS) / global_batch_size for k, v in sums.items()}
         metrics["loss"] = lax.psum(local_loss, DATA_AXIS)
         metrics["beta"] = beta
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        # Of the updated parameters: an update that overflows shows here before it reaches a
+        # checkpoint (the training loop stops on any non-finite metric).
+        metrics["param_norm"] = optax.tree.norm(params)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -156,10 +149,4 @@ def make_train_step(
     return jax.jit(sharded, donate_argnums=(0,))
 
 
-def shard_batch(images: Any, mesh: Mesh) -> jax.Array:
-    """This process's rows ``[b, ...]`` (NumPy) -> the global array sharded over ``"data"``."""
-    sharding = jax.sharding.NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return jax.make_array_from_process_local_data(sharding, images)
-
-
-__all__ = ["DATA_AXIS", "kl_beta", "make_mesh", "make_train_step", "shard_batch"]
+__all__ = ["kl_beta", "make_train_step"]

@@ -5,6 +5,7 @@ of the conftest, which pytest loads before any test module.
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -17,3 +18,48 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Many tests build the same step functions again (each train_and_evaluate call traces its own
+# closures); JAX's persistent compilation cache turns those repeated XLA compilations into
+# cache hits. Per pytest process, in a fresh temporary folder.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def train_py(monkeypatch):
+    """``train_py(*args)`` runs ``python train.py ARGS`` in this process; returns its exit code.
+
+    config_flags reads the ``--config.<field>`` overrides from ``sys.argv``, as for a real
+    command line, so the test (not the program) sets it.
+    """
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))  # train.py is a script at the repository root
+    from absl import app
+
+    import train
+    from jaxvae import cli
+
+    def run(*args: str) -> int | str | None:
+        argv = ["train.py", *args]
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            app.run(train.main, argv, flags_parser=cli.parse_flags)
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    return run
+
+
+# tfds.testing.mock_data redirects file access of the whole process while a mocked dataset is
+# read; confine it to the thread that entered it so orbax's background saves are not redirected.
+from multiprocess_launcher import confine_mock_fs_to_its_thread  # noqa: E402
+
+confine_mock_fs_to_its_thread()

@@ -56,7 +56,30 @@ def test_celeba_is_the_seed_experiment():
     o = c.optimizer
     assert (o.name, o.learning_rate, o.weight_decay) == ("adam", 0.005, 0.0)
     assert (o.schedule, o.decay_rate, o.transition_steps) == ("exponential", 0.95, 0)
-    assert c.num_train_steps == 100 * (162_770 // 64)  # 100 epochs
+    assert c.num_train_steps == -1 and c.num_epochs == 100  # resolved at run time
+    assert config_utils.resolve_train_steps(c, 162_770) == math.ceil(100 * 162_770 / 64)
+
+
+@pytest.mark.parametrize("name", ["mnist", "celeba", "cifar10"])
+def test_epochs_do_not_change_with_the_batch_size(name):
+    """The same config at two batch sizes trains the same number of epochs (to within a step)."""
+    n = 60_000
+    small, large = load(name), load(name)
+    large.batch_size = 4 * small.batch_size
+    s_small = config_utils.resolve_train_steps(small, n)
+    s_large = config_utils.resolve_train_steps(large, n)
+    assert s_small > s_large
+    for c, steps in ((small, s_small), (large, s_large)):
+        assert c.num_epochs <= steps * c.batch_size / n < c.num_epochs + c.batch_size / n
+
+
+def test_num_train_steps_wins_over_epochs():
+    c = load("mnist")
+    c.num_train_steps = 7
+    assert config_utils.resolve_train_steps(c, 60_000) == 7
+    c.num_train_steps, c.num_epochs = -1, 0.0
+    with pytest.raises(config_utils.ConfigError, match="num_epochs must be > 0"):
+        config_utils.validate(c, 1)
 
 
 def test_unknown_override_key_lists_valid_keys():

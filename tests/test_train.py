@@ -1,13 +1,11 @@
 """End-to-end training on tfds mock data over 8 CPU devices: outputs, resume, reuse, bad input.
 
-The runs share one module-scoped workdir set-up so the step functions compile once (the
-compiled programs are cached per config in ``train_lib``).
+The runs share one module-scoped workdir (a 4-step run) that most tests reuse.
 """
 
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -129,10 +127,15 @@ def test_eval_covers_whole_split_with_masked_padding(full_run, mock):
 
 
 def test_resume_is_exact(full_run, mock, tmp_path):
-    """2 steps, stop, resume to 4 == 4 steps in one run (identical parameters on CPU)."""
+    """2 steps, stop, resume to 4 == 4 steps in one run (identical parameters on CPU).
+
+    The first run is given in epochs: 0.8 epochs of the 40 mock examples at batch 16 is
+    resolved to 2 steps at run time.
+    """
     workdir, _ = full_run
     half = tmp_path / "half"
-    train_lib.train_and_evaluate(tiny_config(num_train_steps=2), half)
+    first = train_lib.train_and_evaluate(tiny_config(num_train_steps=-1, num_epochs=0.8), half)
+    assert first["step"] == 2
     assert (half / "checkpoints" / "2").exists()
     resumed = train_lib.train_and_evaluate(tiny_config(), half)
     assert resumed["step"] == 4
@@ -162,16 +165,11 @@ def test_workdir_with_other_model_is_refused_and_untouched(full_run, mock):
     assert not (copy / "config.json").exists()
 
 
-def test_cli_exit_codes_in_process(full_run, mock, capsys):
-    sys.path.insert(0, str(ROOT))  # train.py is a script at the repository root
-    import train
-
+def test_cli_exit_codes_in_process(full_run, mock, capsys, train_py):
     workdir, _ = full_run
     before = snapshot(workdir)
-    argv = ["train.py", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]
-    with pytest.raises(SystemExit) as e:
-        train.run([*argv, "--config.model.latent_dim=5"])
-    assert e.value.code == 1
+    argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]
+    assert train_py(*argv, "--config.model.latent_dim=5") == 1
     assert "different model" in capsys.readouterr().err
     assert snapshot(workdir) == before
 

@@ -7,19 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # train.py is a script at the repository root, not in the package
-import train  # noqa: E402
-
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.run(["train.py", *argv])
-    return e.value.code, capsys.readouterr().err
+def run_cli(train_py, capsys, *argv):
+    code = train_py(*argv)
+    return code, capsys.readouterr().err
 
 
 def test_unknown_config_key_via_python_train_py():
@@ -36,26 +30,32 @@ def test_unknown_config_key_via_python_train_py():
     assert "Traceback" not in proc.stderr
 
 
-def test_unknown_nested_key_in_process(capsys, tmp_path):
-    code, err = run_cli(["--config", TINY, "--config.model.latnt_dim=3"], capsys)
+def test_unknown_nested_key_in_process(capsys, tmp_path, train_py):
+    code, err = run_cli(train_py, capsys, "--config", TINY, "--config.model.latnt_dim=3")
     assert code == 2 and "model.latnt_dim" in err and "model.latent_dim" in err
 
 
-def test_batch_not_divisible_by_devices(capsys, tmp_path):
+def test_batch_not_divisible_by_devices(capsys, tmp_path, train_py):
     wd = tmp_path / "wd"
-    code, err = run_cli(["--config", TINY, f"--workdir={wd}", "--config.batch_size=12"], capsys)
+    code, err = run_cli(
+        train_py, capsys, "--config", TINY, f"--workdir={wd}", "--config.batch_size=12"
+    )
     assert code == 1
     assert "config.batch_size=12 is not divisible by the number of devices (8)" in err
     assert "--config.batch_size=16" in err
     assert not wd.exists()
 
 
-def test_missing_dataset_offline(capsys, tmp_path):
+def test_missing_dataset_offline(capsys, tmp_path, train_py):
     """No network, an empty data_dir and no manual_dir: the pipeline's instructions, exit 1."""
     wd = tmp_path / "wd"
     code, err = run_cli(
-        ["--config", TINY, f"--workdir={wd}", f"--config.data.data_dir={tmp_path / 'tfds'}"],
+        train_py,
         capsys,
+        "--config",
+        TINY,
+        f"--workdir={wd}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
     )
     assert code == 1
     assert err.startswith("error: ") and "--config.data.manual_dir=" in err
@@ -63,12 +63,12 @@ def test_missing_dataset_offline(capsys, tmp_path):
     assert not wd.exists()
 
 
-def test_eval_mode_without_checkpoint(capsys, tmp_path):
+def test_eval_mode_without_checkpoint(capsys, tmp_path, train_py):
     import tensorflow_datasets as tfds
 
     wd = tmp_path / "wd"
     wd.mkdir()
     with tfds.testing.mock_data(num_examples=8):
-        code, err = run_cli(["--config", TINY, f"--workdir={wd}", "--mode=eval"], capsys)
+        code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={wd}", "--mode=eval")
     assert code == 1 and "No checkpoints in" in err and "train first" in err
     assert list(wd.iterdir()) == []

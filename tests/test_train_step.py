@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxvae import config_utils, losses, models
 from jaxvae import train_state as ts
-from jaxvae.train_step import _forward, make_mesh, make_train_step, shard_batch
+from jaxvae.mesh import make_mesh, replicate, shard_batch
+from jaxvae.train_step import _forward, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16
@@ -53,7 +54,7 @@ def _reference_step(model, tx, config, state, images):
                 images,
                 mean,
                 logvar,
-                config.kld_weight,
+                kld_weight=config.kld_weight,
             )
         return loss, upd["batch_stats"]
 
@@ -84,7 +85,7 @@ def test_eight_device_step_equals_single_device_step(objective):
     step = make_train_step(model8, tx, config, mesh, BATCH)
     params0 = jax.device_get(state0.params)
     # The same initial state (init is axis-free); the step donates (deletes) its input.
-    state8 = ts.replicate(state0, mesh)
+    state8 = replicate(state0, mesh)
     new8, metrics = step(state8, shard_batch(images, mesh))
 
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-5)

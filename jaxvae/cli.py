@@ -1,0 +1,148 @@
+"""What ``train.py`` needs beyond its flags: flag checks, choosing the config, user errors.
+
+``train.py`` defines the flags and calls :func:`main`; this module holds the rest so that the
+script stays a page long and the logic is importable and tested.
+
+- :func:`parse_flags` is the absl ``flags_parser``: it rejects a misspelt ``--config.<field>``
+  with the list of valid fields (absl's own message names none) before absl parses anything.
+- :func:`main` resolves the config (``--config`` with its overrides, or the workdir's own
+  ``config.json`` for ``--mode eval|sample``), runs the mode, and turns the errors a user can
+  fix into one ``error: ...`` line and exit status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import jax
+import ml_collections
+from absl import flags, logging
+
+from jaxvae import checkpointing, config_utils, distributed, input_pipeline, preemption, train_lib
+
+# Errors a user can fix; reported as one message and exit status 1, without a traceback.
+USER_ERRORS = (
+    config_utils.ConfigError,
+    *input_pipeline.ERRORS,
+    train_lib.WorkdirMismatchError,
+    train_lib.TrainingDivergedError,
+    checkpointing.CheckpointError,
+)
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Prints ``error: message`` to stderr and exits with ``status``."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl ``flags_parser``: checks ``--config.<field>`` names, then parses ``argv``.
+
+    Every call starts from the flags' defaults, so calling the program twice in one process
+    (tests, a notebook) does not carry flags over from the first call.
+    """
+    keys = config_utils.override_keys(argv)
+    if keys:
+        path = _config_path(argv)
+        if path is None:
+            fail("--config.<field> overrides need --config <file>.", 2)
+        try:
+            config_utils.check_override_keys(config_utils.load_config_file(path), keys)
+        except config_utils.ConfigError as e:
+            fail(str(e), 2)
+    # config_flags defines a flag per --config.<field> each time --config is parsed: drop the
+    # ones of an earlier call, and put every other flag back to its default.
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # e.g. --config.batch_size=abc: one line, no traceback
+        fail(f"{e}. See python train.py --helpfull.", 2)
+
+
+def resolve_config(
+    config: ml_collections.ConfigDict | None, workdir: str | None, mode: str
+) -> ml_collections.ConfigDict:
+    """``--config`` (with overrides), or for ``eval``/``sample`` the workdir's ``config.json``."""
+    if config is None and mode != "train" and workdir and (Path(workdir) / "config.json").exists():
+        config = config_utils.from_dict(json.loads((Path(workdir) / "config.json").read_text()))
+    if config is None:
+        fail(
+            "--config is required (e.g. --config configs/mnist.py); with --mode eval|sample, "
+            "--workdir of a trained run also works.",
+            2,
+        )
+    config.lock()  # a misspelt field assigned later fails instead of being ignored
+    return config
+
+
+class _DropNoise(logging.logging.Filter):
+    """Hides orbax warnings about what we do on purpose (metric-less saves, read-only reads)."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in ("did not provide metrics", "is read only"))
+
+
+def quiet_logging() -> None:
+    """WARNING and above only, unless ``--verbosity`` was given (orbax/tfds log every step)."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_DropNoise())
+
+
+def main(
+    config: ml_collections.ConfigDict | None,
+    workdir: str | None,
+    mode: str,
+    checkpoint: str,
+    processes: distributed.Options | None = None,
+) -> None:
+    """Runs ``mode`` (train | eval | sample) and prints its result.
+
+    First joins JAX's distributed runtime when this is one of several processes
+    (:mod:`jaxvae.distributed`; ``processes`` holds the process flags).
+
+    Exit status: 0 done; 1 a user error (one ``error:`` line); 2 bad flags; 128 + signal
+    number when SIGTERM / Ctrl-C stopped training after saving a checkpoint (143 / 130).
+    """
+    try:
+        distributed.initialize(processes)  # before anything queries devices
+    except distributed.DistributedError as e:
+        fail(str(e), 2)
+    config = resolve_config(config, workdir, mode)
+    workdir = workdir or str(Path("runs") / config.name)
+    try:
+        if mode == "train":
+            out = json.dumps(train_lib.train_and_evaluate(config, workdir), indent=2)
+        elif mode == "eval":
+            out = json.dumps(train_lib.evaluate_workdir(config, workdir, checkpoint), indent=2)
+        else:
+            out = "\n".join(map(str, train_lib.sample_workdir(config, workdir, checkpoint)))
+        if jax.process_index() == 0:  # one copy of the result, not one per process
+            print(out)
+    except USER_ERRORS as e:
+        fail(str(e))
+    except preemption.Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside the training loop (set-up, --mode eval|sample)
+        fail("interrupted; nothing was saved.", 130)
+
+
+__all__ = ["USER_ERRORS", "fail", "main", "parse_flags", "quiet_logging", "resolve_config"]

@@ -1,0 +1,68 @@
+"""Runs ``python train.py ARGS`` in this process on virtual CPU devices and tfds mock data.
+
+A helper of ``tests/test_multiprocess.py``, started as a subprocess once per simulated host:
+
+  python tests/multiprocess_launcher.py --config configs/tiny.py --num_processes 2 ...
+
+Environment: ``JAXVAE_TEST_CPU_DEVICES`` (devices of this process, default 4),
+``JAXVAE_TEST_MOCK_EXAMPLES`` (mock split size, default 40). Every process generates the same
+mock examples (tfds seeds them by index), so all processes see identical data.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_REDIRECTING = ("_mock_open", "_mock_fn", "_mock_fn_2_args", "_mock_glob", "_mock_walk")
+
+
+def confine_mock_fs_to_its_thread() -> None:
+    """Makes tfds's mock file system redirect only the thread that entered it.
+
+    While a mocked ``as_dataset`` runs, ``tfds.testing.mock_data`` redirects every ``epath`` /
+    ``tf.io.gfile`` access *of the process* to a temporary folder; an orbax checkpoint being
+    written meanwhile by a background thread then writes into (and fails in) that folder.
+    """
+    from tensorflow_datasets.testing import test_utils  # noqa: PLC0415
+
+    enter = test_utils.MockFs.__enter__
+
+    def owned_enter(self):
+        self.owner_thread = threading.get_ident()
+        return enter(self)
+
+    def passthrough(redirect):
+        def fn(self, original_fn, *args, **kwargs):
+            if getattr(self, "owner_thread", None) != threading.get_ident():
+                return original_fn(*args, **kwargs)
+            return redirect(self, original_fn, *args, **kwargs)
+
+        return fn
+
+    test_utils.MockFs.__enter__ = owned_enter
+    for name in _REDIRECTING:
+        setattr(test_utils.MockFs, name, passthrough(getattr(test_utils.MockFs, name)))
+
+
+def main() -> None:
+    """Sets the device count, enters tfds's mock data and runs train.py as ``__main__``."""
+    import jax  # noqa: PLC0415 - only in the subprocess, never when pytest imports this file
+
+    jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAXVAE_TEST_CPU_DEVICES", "4")))
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    confine_mock_fs_to_its_thread()
+    num_examples = int(os.environ.get("JAXVAE_TEST_MOCK_EXAMPLES", "40"))
+    sys.path.insert(0, str(ROOT))
+    sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
+    with tfds.testing.mock_data(num_examples=num_examples):
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

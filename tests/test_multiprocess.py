@@ -1,0 +1,285 @@
+"""``train.py`` as several processes on JAX's distributed runtime: real subprocesses on CPU.
+
+Each simulated host is a ``python tests/multiprocess_launcher.py`` subprocess with 4 virtual CPU
+devices, joined through ``--coordinator_address localhost:PORT --num_processes 2
+--process_id i`` (gloo collectives). The reference is one process with 8 devices. All runs use
+``configs/tiny.py`` on tfds mock data (identical in every process), dynamically binarized: each
+process draws the bits of the whole global batch and keeps its rows, so 1 and 2 processes see
+the same batches.
+
+Runs are shared through module-scoped fixtures: the reference (4 steps), a 2-process run of 2
+steps, its resumption to 4 steps, and a long run whose second process is killed.
+
+Speed: JAX writes its persistent compilation cache from process 0 only, and on CPU the cache
+keys differ between processes, so process 1 compiles everything in every run. The subprocesses
+therefore compile with LLVM's cheap settings (``_FAST_COMPILE``), the same for every run
+compared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxvae import checkpointing, config_utils, train_lib
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "tests" / "multiprocess_launcher.py"
+NUM_EXAMPLES = 40
+HEARTBEAT_S = 10  # --heartbeat_timeout of the run whose process is killed (others: default)
+# See test_two_processes_equal_one_process (weight decay).
+OVERRIDES = {"optimizer.weight_decay": 1.0}
+COMMON_ARGS = ("--config", "configs/tiny.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# A launcher's own variables must not leak into the children (they would join a cluster).
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, cache_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {_FAST_COMPILE}",
+        JAXVAE_TEST_CPU_DEVICES=str(devices),
+        JAXVAE_TEST_MOCK_EXAMPLES=str(NUM_EXAMPLES),
+        JAX_PLATFORMS="cpu",
+        JAXVAE_HUGEPAGES="0",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return env
+
+
+class Run:
+    """The processes of one ``train.py`` run; process ``i`` logs to ``<workdir>.log<i>``."""
+
+    def __init__(self, workdir: Path, cache_dir: Path, *args: str, processes: int = 2):
+        self.workdir, self.logs = workdir, [Path(f"{workdir}.log{i}") for i in range(processes)]
+        port, devices = _free_port(), 8 // processes
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            join = ("--coordinator_address", f"localhost:{port}", "--num_processes")
+            join += (str(processes), "--process_id", str(i))
+            argv = [sys.executable, str(LAUNCHER), *COMMON_ARGS, "--workdir", str(workdir)]
+            argv += [*args, *(join if processes > 1 else ())]
+            with log.open("w") as out:
+                self.procs.append(
+                    subprocess.Popen(
+                        argv, cwd=ROOT, env=_env(devices, cache_dir), stdout=out, stderr=out
+                    )
+                )
+
+    def log(self, i: int = 0) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def wait(self, timeout: float = 300) -> Run:
+        """Waits for every process; fails with the logs' tails unless all exited with 0."""
+        deadline = time.monotonic() + timeout
+        try:
+            codes = [p.wait(max(1.0, deadline - time.monotonic())) for p in self.procs]
+        finally:
+            self.kill()
+        if any(codes):
+            tails = "\n".join(f"--- process {i}\n{self.log(i)[-3000:]}" for i in range(len(codes)))
+            pytest.fail(f"exit codes {codes}\n{tails}")
+        return self
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _config():
+    config = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
+    config.update_from_flattened_dict(OVERRIDES)
+    return config
+
+
+def load_checkpoint(workdir: Path, step: int) -> tuple[dict, dict]:
+    """(state as NumPy {params, batch_stats, opt_state, step}, data_iter) of a checkpoint."""
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        s = train_lib._setup(_config(), workdir, for_training=False)
+    try:
+        state, data_state = checkpointing.restore(s.manager, step, s.target)
+    finally:
+        checkpointing.close(s.manager)
+    fields = ("params", "batch_stats", "opt_state", "step")
+    return jax.device_get({k: getattr(state, k) for k in fields}), data_state
+
+
+def metrics(workdir: Path) -> dict[int, dict]:
+    """``metrics.jsonl`` by step; fails on a step written twice (a second writer)."""
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl has repeated steps {steps}"
+    return {r["step"]: r for r in lines}
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    """Parameters, BatchNorm statistics and optimizer state equal to 1e-5."""
+    np.testing.assert_equal(got["step"], want["step"])
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir) -> Iterator[Run]:
+    """One process, 8 devices, 4 steps (checkpoints at 2 and 4, evaluation at 4).
+
+    Started, not awaited: it runs alongside ``two_steps`` (call ``.wait()`` before use).
+    """
+    run = Run(tmp_path_factory.mktemp("one") / "wd", cache_dir, processes=1)
+    yield run
+    run.kill()
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, cache_dir) -> Run:
+    """Two processes x 4 devices, stopped after 2 steps (one checkpoint, evaluation at 2)."""
+    run = Run(tmp_path_factory.mktemp("two") / "wd", cache_dir, "--config.num_train_steps=2")
+    run.wait()
+    return run
+
+
+@pytest.fixture(scope="module")
+def resumed(two_steps, tmp_path_factory, cache_dir) -> Run:
+    """``two_steps``'s workdir (copied) rerun to 4 steps by two processes."""
+    workdir = tmp_path_factory.mktemp("resumed") / "wd"
+    shutil.copytree(two_steps.workdir, workdir)
+    run = Run(workdir, cache_dir, "--config.num_train_steps=4")
+    run.wait()
+    return run
+
+
+def test_two_processes_equal_one_process(reference, two_steps):
+    """2 processes x 4 devices == 1 process x 8 devices on the same global batches.
+
+    The sums over devices run in another order (gloo across processes), so gradients agree
+    only to rounding. The conv biases that feed a BatchNorm have a loss gradient of exactly
+    zero, i.e. pure rounding noise, which Adam's normalisation turns into +-lr steps (see
+    test_train_step); L2 weight decay (OVERRIDES) gives them a real gradient, so every leaf
+    can be compared to 1e-5 (observed: below 1e-6).
+    """
+    workdir, reference = two_steps.workdir, reference.wait().workdir
+    for i in (0, 1):
+        assert f"Process {i} of 2 joined JAX's distributed runtime (flags)" in two_steps.log(i)
+    assert "Training tiny on 8 device(s) (cpu) in 2 processes" in two_steps.log(0)
+
+    got, got_iter = load_checkpoint(workdir, 2)
+    want, want_iter = load_checkpoint(reference, 2)
+    assert_same_state(got, want)
+    # The saved iterator position is global: the same as one process's but for the layout.
+    assert {**got_iter, "process_count": 1} == want_iter and got_iter["process_count"] == 2
+    np.testing.assert_allclose(
+        metrics(workdir)[2]["train_loss"], metrics(reference)[2]["train_loss"], rtol=1e-5
+    )
+
+    # One writer: one metrics line per step, one TensorBoard file, the usual outputs.
+    assert list(metrics(workdir)) == [2]
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+    results = json.loads((workdir / "results.json").read_text())
+    assert (results["num_processes"], results["num_devices"], results["step"]) == (2, 8, 2)
+    assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == 2
+    assert len(list((workdir / "images").glob("*_step00000002.png"))) == 3
+
+
+def test_two_process_resume_continues_exactly(resumed, reference):
+    """Stopped at step 2 (num_train_steps), rerun to 4 == an uninterrupted 4-step run."""
+    reference = reference.wait().workdir
+    assert "Resumed from" in resumed.log(0) and "at step 2" in resumed.log(0)
+    got, _ = load_checkpoint(resumed.workdir, 4)
+    want, _ = load_checkpoint(reference, 4)
+    assert_same_state(got, want)
+    got_metrics, want_metrics = metrics(resumed.workdir), metrics(reference)
+    assert list(got_metrics) == [2, 4]
+    for key in ("train_loss", "test_neg_elbo", "test_nll_iwae"):
+        np.testing.assert_allclose(got_metrics[4][key], want_metrics[4][key], rtol=1e-5)
+
+
+def _wait_for_line(run: Run, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in run.log(0):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in run.procs):
+            run.kill()
+            pytest.fail(f"no {text!r} in time; process 0 logged:\n{run.log(0)[-3000:]}")
+        time.sleep(0.2)
+
+
+def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
+    two_steps, tmp_path_factory, cache_dir
+):
+    """SIGKILL process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (plus
+    slack), and every checkpoint step left behind is complete and restorable."""
+    workdir = tmp_path_factory.mktemp("killed") / "wd"
+    shutil.copytree(two_steps.workdir, workdir)  # resuming skips compiling the initialisation
+    run = Run(
+        workdir,
+        cache_dir,
+        "--config.num_train_steps=100000",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=100000",
+        "--config.keep_checkpoints=3",
+        f"--heartbeat_timeout={HEARTBEAT_S}",
+    )
+    _wait_for_line(run, "step 8/100000", timeout=240)
+    run.procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        code = run.procs[0].wait(timeout=120)
+    finally:
+        run.kill()
+    elapsed = time.monotonic() - killed_at
+    log = run.log(0)
+    assert code != 0, log[-3000:]
+    assert elapsed < 60, f"process 0 took {elapsed:.0f} s to stop"
+    # JAX's C++ runtime ends the survivor (SIGABRT) with this line; the join line announced it.
+    assert "Terminating process because the JAX distributed service detected fatal errors" in log
+    assert f"JAX stops the others within about {HEARTBEAT_S} s" in log
+    print(f"survivor exit code {code} after {elapsed:.1f} s")
+
+    # An interrupted save stays a "<step>.orbax-checkpoint-tmp" folder that orbax never lists:
+    # the latest step is complete and restores (older ones may be mid-deletion when killed).
+    ckpt = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    manager = checkpointing.create_manager(ckpt, 3, read_only=True)
+    try:
+        latest = manager.latest_step()
+    finally:
+        manager.close()
+    assert latest is not None and latest >= 6 and latest == steps[-1], (latest, steps)
+    state, _ = load_checkpoint(workdir, latest)
+    assert int(state["step"]) == latest

@@ -1,0 +1,97 @@
+"""SIGTERM in the middle of ``train.py``: a checkpoint of that step, a clear exit, exact resume.
+
+Real subprocesses (``tests/multiprocess_launcher.py``: virtual CPU devices, tfds mock data), as
+a scheduler would see them: one process, and two processes joined by ``jax.distributed`` where
+the signal reaches only one of them and both must stop at the same step.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_multiprocess import Run, _wait_for_line, load_checkpoint
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = 60
+ARGS = (
+    f"--config.num_train_steps={STEPS}",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=1000",
+    "--config.eval_every_steps=1000",
+)
+STOPPED = re.compile(r"Stopped by (\S+(?: \S+)*) at step (\d+) of 60: checkpoint saved in (\S+)\.")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache_preemption")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    """One process x 8 devices, all 60 steps in one go."""
+    return Run(tmp_path_factory.mktemp("full") / "wd", cache_dir, *ARGS, processes=1).wait()
+
+
+def _stop_midway(run: Run, signal_process: int) -> list[int]:
+    """Waits until training runs, sends SIGTERM to one process; returns the exit codes."""
+    _wait_for_line(run, "step 3/60", timeout=240)
+    run.procs[signal_process].send_signal(signal.SIGTERM)
+    try:
+        return [p.wait(timeout=120) for p in run.procs]
+    finally:
+        run.kill()
+
+
+def _stopped_step(log: str) -> int:
+    match = STOPPED.search(log)
+    assert match, log[-3000:]
+    assert "Run the same command again to resume" in log and "Traceback" not in log
+    return int(match.group(2))
+
+
+def test_sigterm_saves_the_step_and_resumes_exactly(uninterrupted, tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("sigterm") / "wd"
+    run = Run(workdir, cache_dir, *ARGS, processes=1)
+    codes = _stop_midway(run, 0)
+    text = run.log(0)
+    assert codes == [128 + signal.SIGTERM], text[-3000:]
+    step = _stopped_step(text)
+    assert 3 <= step < STEPS
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(step)]
+    assert not (workdir / "results.json").exists()
+
+    Run(workdir, cache_dir, *ARGS, processes=1).wait()  # the same command again
+    got, _ = load_checkpoint(workdir, STEPS)
+    want, _ = load_checkpoint(uninterrupted.workdir, STEPS)
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU
+
+
+def test_two_processes_stop_at_the_same_step(tmp_path_factory, cache_dir):
+    """SIGTERM to process 1 only: JAX's preemption sync point stops both after the same step."""
+    workdir = tmp_path_factory.mktemp("sigterm2") / "wd"
+    run = Run(workdir, cache_dir, *ARGS)
+    t0 = time.monotonic()
+    codes = _stop_midway(run, 1)
+    logs = [run.log(0), run.log(1)]
+    assert all(c != 0 for c in codes), (codes, logs[0][-2000:], logs[1][-2000:])
+    steps = {_stopped_step(text) for text in logs}
+    assert len(steps) == 1, steps
+    (step,) = steps
+    assert step < STEPS and time.monotonic() - t0 < 240
+    assert (workdir / "checkpoints" / str(step)).is_dir()
+
+    # The same command again, next to an uninterrupted two-process run (a 60-step run of one
+    # process drifts from it by more than 1e-5: the device sums run in another order).
+    resumed = Run(workdir, cache_dir, *ARGS)
+    full = Run(tmp_path_factory.mktemp("full2") / "wd", cache_dir, *ARGS)
+    resumed.wait(), full.wait()
+    got, _ = load_checkpoint(workdir, STEPS)
+    want, _ = load_checkpoint(full.workdir, STEPS)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -1,0 +1,229 @@
+"""Runs that go wrong: bad input, divergence, storage faults (in-process, tfds mock data).
+
+Every refusal must exit non-zero with one ``error:`` message (no traceback) and leave the
+workdir byte-identical; a diverged run must leave no non-finite value on disk and keep its good
+"best" checkpoint; a checkpoint that cannot be written must be one clear error that loses no
+result.
+"""
+
+import hashlib
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxvae import checkpointing, config_utils, train_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def tiny_config(**overrides):
+    config = config_utils.load_config_file(TINY)
+    for k, v in overrides.items():
+        target = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = v
+    return config
+
+
+def snapshot(workdir: Path) -> dict[str, str]:
+    """Path -> content hash of every file under ``workdir`` (folders included by name)."""
+    return {
+        str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
+        for p in sorted(workdir.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with tfds.testing.mock_data(num_examples=40):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(mock, tmp_path_factory):
+    """A finished 4-step tiny run (checkpoints 2 and 4, evaluated at 4)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train_lib.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
+BAD_INPUTS = [
+    # (overrides, words the single error message must contain)
+    (["--config.model.latent_dim=0"], ["config.model.latent_dim=0", "integer >= 1"]),
+    (["--config.eval.num_image_grid=0"], ["config.eval.num_image_grid=0"]),
+    (["--config.data.center_crop=50"], ["center_crop=50", "28x28"]),
+    (["--config.batch_size=32"], ["cannot be resumed", "batch_size: 16 -> 32"]),
+    (["--config.seed=-1"], ["config.seed=-1"]),
+    (["--config.num_train_steps=-2"], ["config.num_train_steps=-2"]),
+    (["--config.num_train_steps=-1", "--config.num_epochs=0"], ["num_epochs must be > 0"]),
+    (["--config.log_every_steps=0"], ["config.log_every_steps=0"]),
+    (["--config.keep_checkpoints=0"], ["config.keep_checkpoints=0"]),
+    (["--config.objective=iwea"], ["config.objective='iwea'", "'elbo'"]),
+    (["--config.beta=-1"], ["config.beta=-1"]),
+    (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0"]),
+    (["--config.optimizer.learning_rate=nan"], ["config.optimizer.learning_rate=nan"]),
+    (["--config.optimizer.b2=1.0"], ["config.optimizer.b2=1.0"]),
+    (["--config.optimizer.decay_rate=0"], ["config.optimizer.decay_rate=0"]),
+    (["--config.optimizer.schedule=warmup_cosine"], ["warmup_steps > 0"]),
+    (["--config.model.hidden_dims=()"], ["config.model.hidden_dims=()"]),
+    (["--config.model.hidden_dims=(8,0)"], ["config.model.hidden_dims=(8, 0)"]),
+    (["--config.model.likelihood=poisson"], ["config.model.likelihood='poisson'"]),
+    (["--config.model.conv_impl=fast"], ["config.model.conv_impl='fast'"]),
+    (["--config.model.dtype=float16"], ["config.model.dtype='float16'"]),
+    (["--config.data.pixel_range=symmetric"], ["likelihood='bernoulli'", "pixel_range"]),
+    (["--config.data.binarize=always"], ["config.data.binarize='always'"]),
+    (["--config.data.image_size=0"], ["config.data.image_size=0"]),
+    (["--config.eval.iwae_samples=0"], ["config.eval.iwae_samples=0"]),
+    (["--config.eval.interpolation_steps=1"], ["config.eval.interpolation_steps=1"]),
+    (["--config.eval.batch_size=0"], ["config.eval.batch_size=0"]),
+    (["--config.name=a/b"], ["config.name='a/b'"]),
+    (["--config.batch_size=abc"], ["batch_size"]),
+    (["--config.batch_sise=16"], ["Unknown config key 'batch_sise'"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_anything(trained, mock, train_py, capsys, overrides, words):
+    before = snapshot(trained)
+    code = train_py("--config", TINY, f"--workdir={trained}", *overrides)
+    err = capsys.readouterr().err
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    assert snapshot(trained) == before
+
+
+def test_workdir_that_is_a_file(mock, train_py, capsys, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a folder")
+    assert train_py("--config", TINY, f"--workdir={path}") == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err
+    assert path.read_text() == "not a folder"
+
+
+def finite_everywhere(workdir: Path) -> None:
+    """No NaN/inf in any JSON file or checkpoint array of ``workdir``."""
+    for f in workdir.rglob("*.json*"):
+        if f.is_file() and "checkpoints" not in f.parts:
+            for line in f.read_text().splitlines():
+                for v in _numbers(json.loads(line) if f.suffix == ".jsonl" else None):
+                    assert math.isfinite(v), (f, line)
+            if f.suffix == ".json":
+                for v in _numbers(json.loads(f.read_text())):
+                    assert math.isfinite(v), f
+    manager = checkpointing.create_manager(workdir / "checkpoints", 3, read_only=True)
+    try:
+        for step in manager.all_steps():
+            restored = manager.restore(step)
+            for leaf in _leaves(restored["state"]):
+                assert np.all(np.isfinite(np.asarray(leaf, np.float64))), step
+    finally:
+        manager.close()
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+def _leaves(tree):
+    import jax
+
+    return [x for x in jax.tree.leaves(tree) if np.asarray(x).dtype.kind == "f"]
+
+
+def test_divergence_stops_with_the_good_checkpoint_kept(trained, mock, tmp_path, train_py, capsys):
+    """A good start (4 steps, evaluated: the best), then a huge learning rate."""
+    import shutil
+
+    workdir = tmp_path / "diverge"
+    shutil.copytree(trained, workdir)
+    code = train_py(
+        "--config",
+        TINY,
+        f"--workdir={workdir}",
+        "--config.num_train_steps=12",
+        "--config.optimizer.learning_rate=1e12",
+        "--config.log_every_steps=4",
+        "--config.checkpoint_every_steps=1",
+        "--config.eval_every_steps=2",
+    )
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Training diverged" in err and "Traceback" not in err and "learning_rate" in err
+    manager = checkpointing.create_manager(workdir / "checkpoints", 3, read_only=True)
+    try:
+        latest = manager.latest_step()
+        assert manager.best_step() == 4
+    finally:
+        manager.close()
+    assert f"last good checkpoint is step {latest} " in err
+    bad_step = int(err.split("NaN or infinite at step ")[1].split(".")[0])
+    assert latest < bad_step <= 12
+    finite_everywhere(workdir)
+    # The best checkpoint is still there and can be evaluated.
+    out = train_lib.evaluate_workdir(tiny_config(), workdir, "best")
+    assert out["step"] == 4 and math.isfinite(out["test_neg_elbo"])
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("fault", ["read_only", "no_space"])
+def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, train_py, capsys, fault):
+    """The checkpoints folder becomes read-only / full after step 2; training goes on to 4."""
+    workdir = tmp_path / "run"
+    ckpt = workdir / "checkpoints"
+    if not _mount_tmpfs(ckpt, "64m"):
+        pytest.skip("needs permission to mount a tmpfs (root in a sandbox)")
+    try:
+        train_lib.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+        if fault == "read_only":
+            subprocess.run(["mount", "-o", "remount,ro", str(ckpt)], check=True)
+        else:
+            filler = ckpt / "filler"
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        kept = snapshot(ckpt / "2")
+        code = train_py("--config", TINY, f"--workdir={workdir}")
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert err.count("error:") == 1 and "Traceback" not in err, err
+        assert f"Could not write a checkpoint in {ckpt}" in err
+        assert "intact" in err and "resume" in err
+        # The evaluation at step 4 reached metrics.jsonl and results.json.
+        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["step"] == 4 and "test_neg_elbo" in lines[-1]
+        assert json.loads((workdir / "results.json").read_text())["step"] == 4
+        # Step 2 is intact and restorable.
+        assert snapshot(ckpt / "2") == kept
+        manager = checkpointing.create_manager(ckpt, 3, read_only=True)
+        try:
+            assert manager.latest_step() == 2
+            manager.restore(2)
+        finally:
+            manager.close()
+    finally:
+        subprocess.run(["umount", str(ckpt)], capture_output=True)
