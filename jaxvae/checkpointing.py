@@ -39,6 +39,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says what to do."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written. orbax's background threads of the failed save may
+    wait minutes for signals that never come; a program should exit without joining them."""
+
+
 def _best_fn(metrics: dict[str, Any]) -> float:
     return float(metrics[BEST_METRIC])
 
@@ -193,11 +198,11 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
     return restored["state"], restored["data_iter"]
 
 
-def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> CheckpointError:
+def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> CheckpointWriteError:
     """The one message for a checkpoint that could not be written (no space, no permission)."""
     directory = Path(manager.directory)
     kept = sorted(manager.all_steps()) if not isinstance(cause, MemoryError) else []
-    return CheckpointError(
+    return CheckpointWriteError(
         f"Could not write a checkpoint in {directory}: {_root_cause(cause)}. The checkpoints "
         f"already there ({', '.join(map(str, kept)) or 'none'}) are intact; make room or fix "
         "the folder's permissions, then run the same command again to resume from the latest."
@@ -229,6 +234,7 @@ def close(manager: ocp.CheckpointManager) -> None:
 __all__ = [
     "BEST_METRIC",
     "CheckpointError",
+    "CheckpointWriteError",
     "check_compatible",
     "close",
     "corrupt_error",

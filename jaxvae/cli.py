@@ -13,6 +13,7 @@ script stays a page long and the logic is importable and tested.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,11 +93,12 @@ def resolve_config(
 
 
 class _DropNoise(logging.logging.Filter):
-    """Hides orbax warnings about what we do on purpose (metric-less saves, read-only reads)."""
+    """Hides orbax's own log records: warnings about what we do on purpose (metric-less saves,
+    read-only reads) and the tracebacks of its background threads when a save fails. Every
+    orbax failure reaches the program as an exception, reported as one ``error:`` line."""
 
     def filter(self, record) -> bool:
-        message = record.getMessage()
-        return not any(n in message for n in ("did not provide metrics", "is read only"))
+        return "orbax" not in record.pathname
 
 
 def quiet_logging() -> None:
@@ -136,6 +138,10 @@ def main(
             out = "\n".join(map(str, train_lib.sample_workdir(config, workdir, checkpoint)))
         if jax.process_index() == 0:  # one copy of the result, not one per process
             print(out)
+    except checkpointing.CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # orbax's threads of the failed save would hold the exit for minutes
     except USER_ERRORS as e:
         fail(str(e))
     except preemption.Preempted as e:

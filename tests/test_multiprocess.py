@@ -76,14 +76,18 @@ def _env(devices: int, cache_dir: Path) -> dict[str, str]:
 class Run:
     """The processes of one ``train.py`` run; process ``i`` logs to ``<workdir>.log<i>``."""
 
-    def __init__(self, workdir: Path, cache_dir: Path, *args: str, processes: int = 2):
+    def __init__(
+        self, workdir: Path, cache_dir: Path, *args: str, processes: int = 2, common: bool = True
+    ):
+        """``common=False``: plain ``configs/tiny.py``, without this file's ``OVERRIDES``."""
         self.workdir, self.logs = workdir, [Path(f"{workdir}.log{i}") for i in range(processes)]
         port, devices = _free_port(), 8 // processes
         self.procs = []
         for i, log in enumerate(self.logs):
             join = ("--coordinator_address", f"localhost:{port}", "--num_processes")
             join += (str(processes), "--process_id", str(i))
-            argv = [sys.executable, str(LAUNCHER), *COMMON_ARGS, "--workdir", str(workdir)]
+            head = COMMON_ARGS if common else COMMON_ARGS[:2]
+            argv = [sys.executable, str(LAUNCHER), *head, "--workdir", str(workdir)]
             argv += [*args, *(join if processes > 1 else ())]
             with log.open("w") as out:
                 self.procs.append(

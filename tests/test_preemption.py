@@ -35,8 +35,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
-    """One process x 8 devices, all 60 steps in one go."""
-    return Run(tmp_path_factory.mktemp("full") / "wd", cache_dir, *ARGS, processes=1).wait()
+    """One process x 8 devices, all 60 steps in one go; started, not awaited (``.wait()``)."""
+    run = Run(tmp_path_factory.mktemp("full") / "wd", cache_dir, *ARGS, processes=1)
+    yield run
+    run.kill()
 
 
 def _stop_midway(run: Run, signal_process: int) -> list[int]:
@@ -68,6 +70,7 @@ def test_sigterm_saves_the_step_and_resumes_exactly(uninterrupted, tmp_path_fact
     assert not (workdir / "results.json").exists()
 
     Run(workdir, cache_dir, *ARGS, processes=1).wait()  # the same command again
+    uninterrupted.wait()
     got, _ = load_checkpoint(workdir, STEPS)
     want, _ = load_checkpoint(uninterrupted.workdir, STEPS)
     jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU

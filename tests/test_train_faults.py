@@ -192,9 +192,13 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fault", ["read_only", "no_space"])
-def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, train_py, capsys, fault):
-    """The checkpoints folder becomes read-only / full after step 2; training goes on to 4."""
+def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, fault):
+    """The checkpoints folder becomes read-only / full after step 2; ``python train.py`` (a
+    subprocess: it exits without waiting for orbax's threads of the failed save) goes on to 4."""
+    from test_multiprocess import Run
+
     workdir = tmp_path / "run"
     ckpt = workdir / "checkpoints"
     if not _mount_tmpfs(ckpt, "64m"):
@@ -207,10 +211,11 @@ def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, train_py, ca
             filler = ckpt / "filler"
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         kept = snapshot(ckpt / "2")
-        code = train_py("--config", TINY, f"--workdir={workdir}")
-        err = capsys.readouterr().err
-        assert code == 1, err
-        assert err.count("error:") == 1 and "Traceback" not in err, err
+        run = Run(workdir, tmp_path / "xla_cache", processes=1, common=False)
+        code = run.procs[0].wait(timeout=300)
+        err = run.log(0)
+        assert code == 1, err[-3000:]
+        assert err.count("error:") == 1 and "Traceback" not in err, err[-3000:]
         assert f"Could not write a checkpoint in {ckpt}" in err
         assert "intact" in err and "resume" in err
         # The evaluation at step 4 reached metrics.jsonl and results.json.
