@@ -201,7 +201,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
 def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> CheckpointWriteError:
     """The one message for a checkpoint that could not be written (no space, no permission)."""
     directory = Path(manager.directory)
-    kept = sorted(manager.all_steps()) if not isinstance(cause, MemoryError) else []
+    kept = sorted(manager.all_steps())
     return CheckpointWriteError(
         f"Could not write a checkpoint in {directory}: {_root_cause(cause)}. The checkpoints "
         f"already there ({', '.join(map(str, kept)) or 'none'}) are intact; make room or fix "

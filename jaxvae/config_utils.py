@@ -18,6 +18,9 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jaxvae import layers, models
+from jaxvae.data import transforms
+
 OBJECTIVES = ("elbo", "vanilla_vae_loss")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "exponential", "cosine", "warmup_cosine")
@@ -233,8 +236,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.manual_dir": _OPT_STR,
     "data.train_split": _NONEMPTY_STR,
     "data.eval_split": _NONEMPTY_STR,
-    "data.binarize": _ONE_OF("dynamic", "none"),
-    "data.pixel_range": _ONE_OF("unit", "symmetric"),
+    "data.binarize": _ONE_OF(*transforms.BINARIZE_OPTIONS),
+    "data.pixel_range": _ONE_OF(*transforms.PIXEL_RANGES),
     "data.image_size": _OPT_INT_GE(1),
     "data.center_crop": _OPT_INT_GE(1),
     "data.in_memory": (lambda v: isinstance(v, bool), "True or False"),
@@ -246,10 +249,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         ),
         'a non-empty tuple of positive integers, e.g. --config.model.hidden_dims="(32,64,128)"',
     ),
-    "model.likelihood": _ONE_OF("bernoulli", "gaussian"),
-    "model.output_activation": _ONE_OF("none", "tanh"),
+    "model.likelihood": _ONE_OF(*models.LIKELIHOODS),
+    "model.output_activation": _ONE_OF(*models.OUTPUT_ACTIVATIONS),
     "model.obs_logvar": (_is_number, "a finite number"),
-    "model.conv_impl": _ONE_OF("auto", "xla", "subpixel", "gemm"),
+    "model.conv_impl": _ONE_OF(*layers.IMPLS),
     "model.dtype": _ONE_OF("float32", "bfloat16"),
     "optimizer.name": _ONE_OF(*OPTIMIZERS),
     "optimizer.learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
