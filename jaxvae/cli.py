@@ -101,11 +101,20 @@ class _DropNoise(logging.logging.Filter):
         return "orbax" not in record.pathname
 
 
+def _drop_closed_loop_noise(unraisable) -> None:
+    """``sys.unraisablehook``: orbax's threads of a failed save keep calling into an event loop
+    that is already closed ("Event loop is closed"); the failure itself is reported once."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def quiet_logging() -> None:
     """WARNING and above only, unless ``--verbosity`` was given (orbax/tfds log every step)."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_DropNoise())
+    sys.unraisablehook = _drop_closed_loop_noise
 
 
 def main(
