@@ -21,7 +21,7 @@ Examples (CPU; ``--num-devices N > 1`` splits the CPU into N XLA host devices)::
 
     python benchmarks/throughput.py --config seed
     python benchmarks/throughput.py --config mnist --conv-impl xla gemm --json out.json
-    python benchmarks/throughput.py --config mnist --eval --iwae-samples 5000 --iwae-chunk 500
+    python benchmarks/throughput.py --config mnist mnist_nll --eval --eval-batch-size 500
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = {"seed": "celeba.py", "mnist": "mnist.py"}
+CONFIGS = {
+    "seed": "celeba.py",
+    "mnist": "mnist.py",
+    "mnist_nll": "mnist_nll.py",
+    "mnist_iwae": "mnist_iwae.py",
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -146,10 +151,18 @@ class TrainBench:
         return num_steps * self.batch_size / (time.perf_counter() - t0)
 
 
+def evaluate_ll(config):
+    from jaxvae import models
+
+    return models.make_log_likelihood_fn(config.model.likelihood, config.model.obs_logvar)
+
+
 class EvalBench:
     """The jaxvae.evaluate step (ELBO + IWAE) on one batch; ``run(n)`` -> samples/s."""
 
-    def __init__(self, config, num_devices: int, iwae_samples: int, iwae_chunk: int):
+    def __init__(
+        self, config, num_devices: int, iwae_samples: int, iwae_chunk: int, memory_mb: float
+    ):
         import jax
 
         from jaxvae import evaluate, train_state
@@ -157,6 +170,7 @@ class EvalBench:
 
         config.eval.iwae_samples = iwae_samples
         config.eval.iwae_chunk_size = iwae_chunk
+        config.eval.memory_mb = memory_mb
         devices = jax.devices()[:num_devices]
         mesh = mesh_lib.make_mesh(devices)
         shape = image_shape(config)
@@ -170,11 +184,15 @@ class EvalBench:
         self.images = mesh_lib.shard_batch(images, mesh)
         self.mask = mesh_lib.shard_batch(jax.numpy.ones((batch,), bool), mesh)
         self.key = jax.random.key(3)
-        step = evaluate.make_eval_step(model, config, mesh)
         t0 = time.perf_counter()
+        step = evaluate.make_eval_step(model, config, mesh)
         self.step = step.lower(self.variables, self.images, self.mask, self.key).compile()
         self.compile_s = time.perf_counter() - t0
         self.samples_per_call = iwae_samples * batch
+        per_sample = evaluate.decoder_bytes_per_sample(model, variables, evaluate_ll(config))
+        self.plan = evaluate.iwae_plan(
+            batch // num_devices, iwae_samples, per_sample, memory_mb, iwae_chunk
+        )
 
     def run(self, num_steps: int) -> float:
         import jax
@@ -222,7 +240,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--eval", action="store_true", help="benchmark the IWAE evaluation instead")
     p.add_argument("--iwae-samples", type=int, default=5000)
-    p.add_argument("--iwae-chunk", type=int, default=500)
+    p.add_argument(
+        "--iwae-chunk", type=int, default=0, help="cap on samples per call (0: memory decides)"
+    )
+    p.add_argument("--memory-mb", type=float, default=512.0, help="config.eval.memory_mb")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--json", type=str, help="write the results to this JSON file")
     add_malloc_flag(p)
@@ -240,7 +261,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             config = load_config(name, args.batch_size, impl)
             if args.eval:
                 config.eval.batch_size = args.eval_batch_size
-                bench = EvalBench(config, args.num_devices, args.iwae_samples, args.iwae_chunk)
+                bench = EvalBench(
+                    config, args.num_devices, args.iwae_samples, args.iwae_chunk, args.memory_mb
+                )
                 unit = "samples/s"
             else:
                 bench = TrainBench(config, args.num_devices)
@@ -262,12 +285,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 **peak_memory(),
             }
             if args.eval:
-                row.update(iwae_samples=args.iwae_samples, iwae_chunk=args.iwae_chunk)
+                chunk, rows_ = bench.plan
+                row.update(
+                    iwae_samples=args.iwae_samples,
+                    iwae_chunk=args.iwae_chunk,
+                    memory_mb=args.memory_mb,
+                    plan_chunk=chunk,
+                    plan_rows=rows_,
+                )
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
 
     print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
-    hdr = f"{'config':6s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
+    hdr = f"{'config':10s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
     hdr += (
         f"{'rate':>10s} {'unit':9s} {'compile_s':>9s} {'peak_rss_MiB':>12s} {'peak_dev_MiB':>12s}"
     )
@@ -276,7 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         dev = f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "n/a"
         impl_col = f"{r['conv_impl']}/{r['resolved_impl']}"
         print(
-            f"{r['config']:6s} {r['benchmark']:10s} {impl_col:13s} "
+            f"{r['config']:10s} {r['benchmark']:10s} {impl_col:13s} "
             f"{r['num_devices']:3d} {r['batch_size']:5d} {r['rate']:10.1f} {r['unit']:9s} "
             f"{r['compile_s']:9.1f} {r['peak_rss_mib']:12.0f} {dev:>12s}"
         )

@@ -60,7 +60,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     if keys:
         path = _config_path(argv)
         if path is None:
-            fail("--config.<field> overrides need --config <file>.", 2)
+            fail(
+                "--config.<field> overrides need --config <file>: name the config the run was "
+                "trained with, e.g. --config configs/mnist.py --mode eval --workdir runs/mnist "
+                "--config.eval.iwae_samples=5000 (a workdir whose model differs is refused).",
+                2,
+            )
         try:
             config_utils.check_override_keys(config_utils.load_config_file(path), keys)
         except config_utils.ConfigError as e:

@@ -21,7 +21,7 @@ from ml_collections import config_dict
 from jaxvae import layers, models
 from jaxvae.data import transforms
 
-OBJECTIVES = ("elbo", "vanilla_vae_loss")
+OBJECTIVES = ("elbo", "iwae", "vanilla_vae_loss")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "exponential", "cosine", "warmup_cosine")
 
@@ -47,8 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the latest N are kept, plus the best by test negative ELBO
 
     # "elbo": maximise the true ELBO, beta * KL with a linear warm-up of beta.
+    # "iwae": maximise the importance-weighted bound with iwae_samples samples (Burda et al.);
+    #   it costs about iwae_samples decoder passes per image; beta/kl_warmup do not apply.
     # "vanilla_vae_loss": PyTorch-VAE's objective (pixel-mean MSE + kld_weight * KL).
     c.objective = "elbo"
+    c.iwae_samples = 5  # K of objective="iwae" (training); eval.iwae_samples is the test's K
     c.beta = 1.0
     c.kl_warmup_steps = 0  # beta rises linearly from beta/N to beta over N steps; 0 = off
     c.kld_weight = 0.00025
@@ -74,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.obs_logvar = 0.0  # fixed log-variance of the Gaussian likelihood
     c.model.conv_impl = "auto"
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # Decoder options for likelihood experiments (models.VAE); the defaults are VanillaVAE's.
+    c.model.decoder_type = "conv"  # "conv" | "mlp"
+    c.model.decoder_hidden_dims = ()  # () = mirror hidden_dims; else the decoder's own widths
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # "adam" | "adamw"
@@ -90,7 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500  # global; the padded last batch is masked
     c.eval.iwae_samples = 100  # K of the importance-weighted NLL
-    c.eval.iwae_chunk_size = 25  # samples decoded at once (memory)
+    c.eval.iwae_chunk_size = 0  # upper bound on the samples per decoder call; 0 = no bound
+    # Decoder working set per device in the IWAE evaluation (MiB): the decoder calls are sized
+    # from it (jaxvae.evaluate.iwae_plan), whatever K and the chunk size; the estimate is the same.
+    c.eval.memory_mb = 512.0
     c.eval.num_image_grid = 8  # images per row of the PNG grids
     c.eval.interpolation_steps = 8
     return c
@@ -228,6 +237,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every_steps": _INT_GE(1),
     "keep_checkpoints": _INT_GE(1),
     "objective": _ONE_OF(*OBJECTIVES),
+    "iwae_samples": _INT_GE(1),
     "beta": _NUM_GE(0),
     "kl_warmup_steps": _INT_GE(0),
     "kld_weight": _NUM_GE(0),
@@ -249,6 +259,12 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         ),
         'a non-empty tuple of positive integers, e.g. --config.model.hidden_dims="(32,64,128)"',
     ),
+    "model.decoder_type": _ONE_OF(*models.DECODERS),
+    "model.decoder_hidden_dims": (
+        lambda v: isinstance(v, tuple | list) and all(_is_int(h) and h >= 1 for h in v),
+        'a tuple of positive integers, e.g. --config.model.decoder_hidden_dims="(16,32)", or () '
+        "to mirror model.hidden_dims",
+    ),
     "model.likelihood": _ONE_OF(*models.LIKELIHOODS),
     "model.output_activation": _ONE_OF(*models.OUTPUT_ACTIVATIONS),
     "model.obs_logvar": (_is_number, "a finite number"),
@@ -267,6 +283,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.batch_size": _INT_GE(1),
     "eval.iwae_samples": _INT_GE(1),
     "eval.iwae_chunk_size": _INT_GE(0),
+    "eval.memory_mb": (lambda v: _is_number(v) and v > 0, "a number of MiB > 0"),
     "eval.num_image_grid": _INT_GE(1),
     "eval.interpolation_steps": _INT_GE(2),
 }
@@ -329,6 +346,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         config.model.output_activation != "tanh" or config.data.pixel_range == "symmetric",
         "config.model.output_activation='tanh' produces values in [-1, 1]; it needs "
         "--config.data.pixel_range=symmetric.",
+    )
+    need(
+        config.objective != "iwae" or (config.beta == 1.0 and config.kl_warmup_steps == 0),
+        "config.objective='iwae' optimises the importance-weighted bound, which has no KL "
+        f"weight: got beta={config.beta} and kl_warmup_steps={config.kl_warmup_steps}; use "
+        "--config.beta=1 --config.kl_warmup_steps=0 (or --config.objective=elbo for a "
+        "weighted KL).",
+    )
+    need(
+        config.model.decoder_type != "mlp" or len(config.model.decoder_hidden_dims) > 0,
+        "config.model.decoder_type='mlp' needs its hidden widths, e.g. "
+        '--config.model.decoder_hidden_dims="(512,512)".',
     )
     need(
         config.optimizer.schedule != "warmup_cosine" or config.optimizer.warmup_steps > 0,

@@ -511,9 +511,9 @@ def iwae_bound(
 
     Noise: ``eps = jax.random.normal(key, (K, *mean.shape))``, the draw of
     ``reparameterize(key, mean, logvar, num_samples=K)``, so with the same key
-    ``iwae_bound`` at ``K = 1`` and :func:`elbo` evaluate the same ``z``;
-    :func:`iwae_log_likelihood` with ``chunk_size=K`` equals ``iwae_bound`` with
-    the key ``jax.random.fold_in(key, 0)``.
+    ``iwae_bound`` at ``K = 1`` and :func:`elbo` evaluate the same ``z``
+    (:func:`iwae_log_likelihood` draws sample ``k`` from ``fold_in(key, k)`` instead,
+    so that its chunking cannot change its result).
 
     Args:
       key: ``jax.random`` key for the ``K`` noise draws.
@@ -561,21 +561,26 @@ def iwae_log_likelihood(
     *,
     num_samples: int,
     chunk_size: int | None = None,
+    batch_chunk_size: int | None = None,
 ) -> Array:
     """Importance-weighted estimate of ``log p(x)`` (Burda et al., 2015), in chunks.
 
         log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z|x) = N(mean, e^logvar),
 
     with prior ``p(z) = N(0, I)``, computed in log space with a running
-    ``logsumexp``: the value of :func:`iwae_bound`, for evaluation with large ``K``.
+    ``logsumexp``: the estimator of :func:`iwae_bound`, for evaluation with large ``K``.
     Its expectation is a lower bound on ``log p(x)`` that equals the ELBO for
     ``K = 1`` and rises toward ``log p(x)`` as ``K`` grows.
 
-    The ``K`` samples are processed ``chunk_size`` at a time in a ``lax.scan``, so
-    memory is bounded by one chunk (``chunk_size * B`` decoded outputs), whatever
-    ``K`` is. Chunk ``c`` draws the noise :func:`iwae_bound` draws from the key
-    ``fold_in(key, c)``; the result therefore depends on ``chunk_size`` only
-    through which random numbers are drawn.
+    Memory. The ``K`` samples are decoded ``chunk_size`` at a time in a ``lax.scan``
+    and, with ``batch_chunk_size``, the batch ``B`` (one axis) is split into blocks of
+    that many examples (a ``lax.map``), so one decoder call sees at most
+    ``chunk_size * batch_chunk_size`` samples, whatever ``K`` and ``B`` are.
+
+    Noise. Sample ``k`` of every example is ``eps_k = normal(fold_in(key, k),
+    mean.shape)[example]``, so the estimate does not depend on ``chunk_size`` or
+    ``batch_chunk_size`` (they change only the order of floating-point sums): they are
+    memory and speed settings, never part of the result.
 
     Args:
       key: ``jax.random`` key.
@@ -583,6 +588,7 @@ def iwae_log_likelihood(
       num_samples: ``K >= 1``.
       chunk_size: samples decoded per call; default
         ``min(K, DEFAULT_IWAE_CHUNK_SIZE)``.
+      batch_chunk_size: examples per block (a 1-D batch only); default: the whole batch.
 
     Returns:
       ``[B]``, in nats.
@@ -608,24 +614,57 @@ def iwae_log_likelihood(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     num_chunks = -(-num_samples // chunk)
-    mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
+    mean, logvar, x = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(x)
+    if batch_chunk_size is None:
+        rows = None
+    elif len(batch_shape) != 1:
+        raise ValueError(
+            f"batch_chunk_size needs a batch of one axis, got batch shape {batch_shape}."
+        )
+    elif batch_chunk_size < 1:
+        raise ValueError(f"batch_chunk_size must be >= 1, got {batch_chunk_size}.")
+    else:
+        rows = min(batch_shape[0], batch_chunk_size)
+    n = batch_shape[0] if rows is not None else None
+    num_blocks = 1 if rows is None else -(-n // rows)
+    pad = 0 if rows is None else num_blocks * rows - n
 
-    def log_weights(c: Array) -> Array:
-        eps = _noise(jax.random.fold_in(key, c), (chunk, *mean.shape), mean, logvar)
-        log_w = log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
-        # The last chunk may run past K: those samples get zero weight.
-        valid = c * chunk + jnp.arange(chunk) < num_samples
-        return jnp.where(valid.reshape((chunk,) + (1,) * len(batch_shape)), log_w, -jnp.inf)
+    def noise(ks: Array) -> Array:
+        """``[len(ks), *mean.shape]`` (rows padded by ``pad``): sample k's noise for all rows."""
+        eps = jax.vmap(lambda k: _noise(jax.random.fold_in(key, k), mean.shape, mean, logvar))(ks)
+        return jnp.pad(eps, ((0, 0), (0, pad), (0, 0))) if pad else eps
 
-    def body(acc: Array, c: Array) -> tuple[Array, None]:
-        return jnp.logaddexp(acc, jax.nn.logsumexp(log_weights(c), axis=0)), None
+    def block(xb: Array, mb: Array, lvb: Array, start: Array) -> Array:
+        def log_weights(c: Array) -> Array:
+            ks = c * chunk + jnp.arange(chunk)
+            eps = noise(ks)
+            if rows is not None and num_blocks > 1:
+                eps = lax.dynamic_slice_in_dim(eps, start, rows, axis=1)
+            log_w = log_importance_weights(decode_fn, xb, mb, lvb, eps, log_likelihood_fn)
+            # The last chunk may run past K: those samples get zero weight.
+            valid = ks < num_samples
+            return jnp.where(valid.reshape((chunk,) + (1,) * (log_w.ndim - 1)), log_w, -jnp.inf)
 
-    # Start from the first chunk rather than a constant -inf so the carry has the same
-    # type as the loop's output also inside shard_map (where constants are not
-    # device-varying).
-    init = jax.nn.logsumexp(log_weights(jnp.asarray(0)), axis=0)
-    total, _ = lax.scan(body, init, jnp.arange(1, num_chunks))
-    return total - math.log(num_samples)
+        def body(acc: Array, c: Array) -> tuple[Array, None]:
+            return jnp.logaddexp(acc, jax.nn.logsumexp(log_weights(c), axis=0)), None
+
+        # Start from the first chunk rather than a constant -inf so the carry has the same
+        # type as the loop's output also inside shard_map (where constants are not
+        # device-varying).
+        init = jax.nn.logsumexp(log_weights(jnp.asarray(0)), axis=0)
+        total, _ = lax.scan(body, init, jnp.arange(1, num_chunks))
+        return total - math.log(num_samples)
+
+    if rows is None or num_blocks == 1:
+        return block(x, mean, logvar, jnp.asarray(0))
+
+    def split(a: Array) -> Array:
+        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+        return a.reshape(num_blocks, rows, *a.shape[1:])
+
+    starts = jnp.arange(num_blocks) * rows
+    out = lax.map(lambda a: block(*a), (split(x), split(mean), split(logvar), starts))
+    return out.reshape(-1)[:n]
 
 
 def bits_per_dim(nll_nats: ArrayLike, *, num_dims: int) -> Array:

@@ -61,6 +61,7 @@ from jaxvae import layers, losses
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 OUTPUT_ACTIVATIONS = ("tanh", "none")
+DECODERS = ("conv", "mlp")
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 (weight of the new batch) == Flax's 0.9 (weight
 # of the old running value); epsilon 1e-5.
@@ -190,6 +191,43 @@ class ConvDecoder(nn.Module):
         return h.astype(jnp.float32)
 
 
+class MLPDecoder(nn.Module):
+    """Latents ``z: [B, D]`` -> outputs ``[B, H, W, C]`` through fully connected layers.
+
+    ``Dense(h_1) -> LeakyReLU -> ... -> Dense(h_L) -> LeakyReLU -> Dense(H * W * C)``, reshaped.
+    Not part of VanillaVAE: an option (``VAE(decoder_type="mlp")``) for likelihood experiments,
+    where the decoder runs K times per image at evaluation and dense layers run near the
+    CPU's GEMM peak, unlike the full-resolution layers of the conv decoder.
+    """
+
+    hidden_dims: Sequence[int]
+    image_shape: tuple[int, int, int]
+    output_activation: str = "none"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no BatchNorm here; the argument keeps ConvDecoder's signature
+        h = z.astype(self.dtype)
+        for i, features in enumerate(self.hidden_dims):
+            init = torch_default_init(h.shape[-1])
+            h = nn.Dense(
+                features, dtype=self.dtype, kernel_init=init, bias_init=init, name=f"dense_{i}"
+            )(h)
+            h = nn.leaky_relu(h, negative_slope=0.01)
+        init = torch_default_init(h.shape[-1])
+        h = nn.Dense(
+            math.prod(self.image_shape),
+            dtype=self.dtype,
+            kernel_init=init,
+            bias_init=init,
+            name="output",
+        )(h)
+        if self.output_activation == "tanh":
+            h = jnp.tanh(h)
+        return h.reshape(h.shape[0], *self.image_shape).astype(jnp.float32)
+
+
 class VAE(nn.Module):
     """PyTorch-VAE's VanillaVAE for images of shape ``image_shape = (H, W, C)``.
 
@@ -203,6 +241,11 @@ class VAE(nn.Module):
       axis_name: mapped axis over which BatchNorm reduces batch statistics in training.
       conv_impl: implementation of the strided convs, passed to ``jaxvae.layers``.
       dtype: compute dtype (parameters are float32; means/logvars/outputs are returned float32).
+      decoder_type: ``"conv"`` (VanillaVAE's, the default) or ``"mlp"`` (:class:`MLPDecoder`).
+      decoder_hidden_dims: the decoder's widths. ``None`` (default): the conv decoder mirrors
+        ``hidden_dims`` (VanillaVAE). Given: the conv decoder's levels (so the encoder can be
+        wider than the decoder, which runs K times per image in an IWAE evaluation) or the
+        MLP's hidden widths (required for ``"mlp"``).
     """
 
     latent_dim: int
@@ -213,8 +256,14 @@ class VAE(nn.Module):
     axis_name: str | None = None
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    decoder_type: str = "conv"
+    decoder_hidden_dims: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.decoder_type not in DECODERS:
+            raise ValueError(f"decoder_type must be one of {DECODERS}, got {self.decoder_type!r}")
+        if self.decoder_type == "mlp" and not self.decoder_hidden_dims:
+            raise ValueError("decoder_type='mlp' needs decoder_hidden_dims (its hidden widths)")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.output_activation not in OUTPUT_ACTIVATIONS:
@@ -238,15 +287,25 @@ class VAE(nn.Module):
             conv_impl=self.conv_impl,
             dtype=self.dtype,
         )
-        self.decoder = ConvDecoder(
-            hidden_dims=tuple(self.hidden_dims),
-            image_shape=tuple(self.image_shape),
-            # Bernoulli outputs are logits: never squashed.
-            output_activation=self.output_activation if self.likelihood == "gaussian" else "none",
-            axis_name=self.axis_name,
-            conv_impl=self.conv_impl,
-            dtype=self.dtype,
-        )
+        # Bernoulli outputs are logits: never squashed.
+        activation = self.output_activation if self.likelihood == "gaussian" else "none"
+        dims = tuple(self.decoder_hidden_dims or self.hidden_dims)
+        if self.decoder_type == "mlp":
+            self.decoder = MLPDecoder(
+                hidden_dims=dims,
+                image_shape=tuple(self.image_shape),
+                output_activation=activation,
+                dtype=self.dtype,
+            )
+        else:
+            self.decoder = ConvDecoder(
+                hidden_dims=dims,
+                image_shape=tuple(self.image_shape),
+                output_activation=activation,
+                axis_name=self.axis_name,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+            )
 
     def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """``x: [..., H, W, C]`` -> ``(mean [..., D], logvar [..., D])``."""
@@ -324,11 +383,13 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "DECODERS",
     "LIKELIHOODS",
     "OUTPUT_ACTIVATIONS",
     "VAE",
     "ConvDecoder",
     "ConvEncoder",
+    "MLPDecoder",
     "bottleneck_shape",
     "count_params",
     "torch_default_init",

@@ -17,10 +17,13 @@ Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +193,39 @@ def _eval_batch_size(s: _Setup) -> int:
     return -(-s.config.eval.batch_size // n) * n
 
 
+def _eval_progress(s: _Setup) -> Callable[[int, float], None]:
+    """Prints the progress of an evaluation that runs for more than 30 s, every 30 s."""
+    total, k = s.info.num_eval, s.config.eval.iwae_samples
+    last = [0.0]
+
+    def report(done: int, seconds: float) -> None:
+        if jax.process_index() != 0 or seconds < last[0] + 30.0 or done <= 0:
+            return
+        last[0] = seconds
+        eta = (total - done) * seconds / done
+        print(
+            f"eval: {done:,}/{total:,} examples ({100 * done / total:.0f}%), K={k}: "
+            f"{datetime.timedelta(seconds=int(seconds))} elapsed, "
+            f"ETA {datetime.timedelta(seconds=int(eta))}, "
+            f"{done * k / seconds:,.0f} posterior samples/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
 def _run_eval(s: _Setup, eval_step, state: ts.TrainState) -> dict[str, float]:
     batches = input_pipeline.create_eval_batches(s.config.data, _eval_batch_size(s))
     num_dims = math.prod(s.info.image_shape)
     return evaluate.evaluate(
-        eval_step, state.variables, batches, s.mesh, _eval_key(s.config), num_dims
+        eval_step,
+        state.variables,
+        batches,
+        s.mesh,
+        _eval_key(s.config),
+        num_dims,
+        progress=_eval_progress(s),
     )
 
 
@@ -482,7 +513,11 @@ def _restore_for_inference(
 def evaluate_workdir(
     config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
 ) -> dict[str, Any]:
-    """Evaluates a workdir's ``latest``/``best`` checkpoint; writes ``eval_results.json``."""
+    """Evaluates a workdir's ``latest``/``best`` checkpoint; writes ``eval_results.json``.
+
+    ``eval_results.json`` holds the latest evaluation; each one is also appended as a line to
+    ``eval_history.jsonl``, so a quick re-evaluation never loses a long (K = 5000) one.
+    """
     s, state, step = _restore_for_inference(config, workdir, which)
     try:
         eval_step = s.programs.eval_step
@@ -494,10 +529,13 @@ def evaluate_workdir(
             **_test_metrics(ev),
             "iwae_samples": s.config.eval.iwae_samples,
             "num_examples": ev["num_examples"],
+            "eval_split": s.config.data.eval_split,
             "eval_seconds": time.perf_counter() - t0,
         }
         if jax.process_index() == 0:  # every process computed the same (replicated) sums
             reporting.write_json(s.workdir / "eval_results.json", _finite(results))
+            with (s.workdir / "eval_history.jsonl").open("a") as f:
+                f.write(json.dumps(_finite(results), sort_keys=True) + "\n")
     finally:
         checkpointing.close(s.manager)
     return results

@@ -48,6 +48,9 @@ def build_model(
         axis_name=axis_name,
         conv_impl=m.conv_impl,
         dtype=jnp.dtype(m.dtype),
+        decoder_type=m.decoder_type,
+        # () = mirror hidden_dims (VanillaVAE).
+        decoder_hidden_dims=tuple(m.decoder_hidden_dims) or None,
     )
 
 

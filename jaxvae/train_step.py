@@ -55,6 +55,19 @@ def _forward(module: models.VAE, x: jax.Array, eps: jax.Array):
     return module.decode(z, train=True), mean, logvar
 
 
+def _forward_iwae(module: models.VAE, x: jax.Array, eps: jax.Array, log_likelihood_fn):
+    """Flax method: ``log_w [K, b]`` of :func:`jaxvae.losses.log_importance_weights` for the
+    noise ``eps: [K, b, D]``, plus ``mean``, ``logvar [b, D]`` (training mode; the decoder's
+    BatchNorm sees all ``K * b`` decoded samples)."""
+    mean, logvar = module.encode(x, train=True)
+
+    def decode_fn(z):
+        return module.decode(z, train=True)
+
+    log_w = losses.log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
+    return log_w, mean, logvar
+
+
 def make_train_step(
     model: models.VAE,
     tx: optax.GradientTransformation,
@@ -69,6 +82,12 @@ def make_train_step(
     ``neg_elbo`` (beta = 1), ``reconstruction`` (E_q log p(x|z)), ``kl``, ``beta``,
     ``grad_norm``, ``param_norm`` (after the update); plus ``mse`` for the
     ``vanilla_vae_loss`` objective.
+
+    ``objective="iwae"`` optimises the importance-weighted bound with ``K =
+    config.iwae_samples`` (Burda et al. 2015): ``loss`` is ``-IWAE_K``, the noise is
+    ``normal(fold_in(key, t), [K, B, D])`` sliced per device along ``B`` (so, as for the ELBO,
+    any device count draws the same numbers, and ``K = 1`` draws exactly the ELBO's noise);
+    ``reconstruction`` is averaged over the ``K`` samples and ``kl`` is the analytic KL.
     """
     if model.axis_name != DATA_AXIS:
         raise ValueError(
@@ -84,14 +103,48 @@ def make_train_step(
     )
     objective = config.objective
     latent_dim = model.latent_dim
+    num_samples = config.iwae_samples if objective == "iwae" else 1
 
     def per_device(state: TrainState, images: jax.Array):
         local_batch = images.shape[0]
         key = jax.random.fold_in(state.key, state.step)
-        eps_all = jax.random.normal(key, (global_batch_size, latent_dim), jnp.float32)
         start = lax.axis_index(DATA_AXIS) * local_batch
-        eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch)
+        if objective == "iwae":
+            eps_all = jax.random.normal(
+                key, (num_samples, global_batch_size, latent_dim), jnp.float32
+            )
+            eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch, axis=1)
+        else:
+            eps_all = jax.random.normal(key, (global_batch_size, latent_dim), jnp.float32)
+            eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch)
         beta = kl_beta(state.step, config.beta, config.kl_warmup_steps)
+
+        def iwae_loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            (log_w, mean, logvar), updates = model.apply(
+                variables,
+                images,
+                eps,
+                log_likelihood_fn,
+                method=_forward_iwae,
+                mutable=["batch_stats"],
+            )
+            bound = jax.nn.logsumexp(log_w, axis=0) - jnp.log(float(num_samples))  # [b]
+            # log p(x|z_k) = log w_k - (log p(z_k) - log q(z_k|x)); the ratio is cheap in D.
+            z = mean + jnp.exp(0.5 * logvar) * eps
+            log_ratio = losses.gaussian_log_density(z) - losses.gaussian_log_density(
+                z, mean, logvar
+            )
+            reconstruction = jnp.mean(log_w - log_ratio, axis=0)  # [b]
+            kl = losses.gaussian_kl(mean, logvar)  # [b]
+            sums = {
+                "neg_elbo": jnp.sum(kl - reconstruction),
+                "reconstruction": jnp.sum(reconstruction),
+                "kl": jnp.sum(kl),
+            }
+            # As for the ELBO: local sum / GLOBAL batch (see the module docstring).
+            local_loss = -jnp.sum(bound) / global_batch_size
+            return local_loss, (updates["batch_stats"], sums)
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
@@ -120,7 +173,8 @@ def make_train_step(
                 sums["mse"] = m["reconstruction_loss"] * local_batch
             return local_loss, (updates["batch_stats"], sums)
 
-        (local_loss, (batch_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        fn = iwae_loss_fn if objective == "iwae" else loss_fn
+        (local_loss, (batch_stats, sums)), grads = jax.value_and_grad(fn, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

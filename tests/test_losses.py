@@ -339,7 +339,8 @@ def test_iwae_chunking_handles_remainders_and_large_k():
     # One chunk equals a single logsumexp over all K weights computed by hand.
     key, k = jax.random.key(7), 37
     got = losses.iwae_log_likelihood(key, *args, num_samples=k, chunk_size=k)
-    eps = jax.random.normal(jax.random.fold_in(key, 0), (k, 2, 3))
+    # Sample j of every example comes from fold_in(key, j).
+    eps = np.stack([jax.random.normal(jax.random.fold_in(key, j), (2, 3)) for j in range(k)])
     z = m + np.exp(0.5 * lv) * np.asarray(eps, np.float64)
     log_w = (
         stats.norm(z @ model.W.T + model.b, math.sqrt(model.s2)).logpdf(x).sum(-1)
@@ -489,18 +490,47 @@ def test_iwae_bound_gradients():
         )
 
 
-def test_iwae_bound_shares_noise_with_chunked_iwae():
+def test_iwae_bound_at_one_chunk_is_iwae_log_likelihood_with_its_noise():
+    """``iwae_bound`` and the chunked estimator compute the same function of the noise."""
     model = LinearGaussian()
     x = model.sample_x(3)
     m, lv = model.posterior(x)
-    args = (model.decode_fn(), *f32(x, m + 0.3, lv + 0.3), model.log_likelihood_fn())
+    dec, ll = model.decode_fn(), model.log_likelihood_fn()
+    x32, m32, lv32 = f32(x, m + 0.3, lv + 0.3)
     key = jax.random.key(17)
     for k in (1, 12):
-        bound = losses.iwae_bound(jax.random.fold_in(key, 0), *args, num_samples=k)
-        chunked = losses.iwae_log_likelihood(key, *args, num_samples=k, chunk_size=k)
-        np.testing.assert_allclose(bound, chunked, rtol=1e-6, atol=1e-6)
+        eps = jnp.stack(
+            [jax.random.normal(jax.random.fold_in(key, j), m32.shape) for j in range(k)]
+        )
+        log_w = losses.log_importance_weights(dec, x32, m32, lv32, eps, ll)
+        by_hand = jax.nn.logsumexp(log_w, axis=0) - np.log(k)
+        chunked = losses.iwae_log_likelihood(
+            key, dec, x32, m32, lv32, ll, num_samples=k, chunk_size=k
+        )
+        np.testing.assert_allclose(chunked, by_hand, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
-        losses.iwae_bound(key, *args, num_samples=0)
+        losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=0)
+
+
+def test_iwae_log_likelihood_does_not_depend_on_its_chunking():
+    """Sample and batch chunking are memory settings: every split gives the same estimate
+    (to float rounding), including blocks that do not divide the batch (padding)."""
+    model = LinearGaussian()
+    x = model.sample_x(7)
+    m, lv = model.posterior(x)
+    args = (model.decode_fn(), *f32(x, m + 0.4, lv + 0.5), model.log_likelihood_fn())
+    key = jax.random.key(3)
+    ref = losses.iwae_log_likelihood(key, *args, num_samples=50, chunk_size=50)
+    for chunk, rows in [(1, None), (7, None), (16, 1), (50, 3), (13, 7), (64, 100)]:
+        got = losses.iwae_log_likelihood(
+            key, *args, num_samples=50, chunk_size=chunk, batch_chunk_size=rows
+        )
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5, err_msg=f"{chunk}, {rows}")
+    # ... and a different key gives a different estimate (the comparison has teeth).
+    other = losses.iwae_log_likelihood(jax.random.key(4), *args, num_samples=50, chunk_size=50)
+    assert float(jnp.max(jnp.abs(other - ref))) > 1e-3
+    with pytest.raises(ValueError, match="batch_chunk_size must be >= 1"):
+        losses.iwae_log_likelihood(key, *args, num_samples=5, batch_chunk_size=0)
 
 
 # ----------------------------------- vanilla VAE loss ---------------------------------------

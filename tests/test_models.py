@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from jaxvae import losses
+from jaxvae import losses, models
 from jaxvae.models import VAE, bottleneck_shape, count_params, make_log_likelihood_fn, mean_image
 
 SEED_HIDDEN = (32, 64, 128, 256, 512)
@@ -488,3 +488,69 @@ def test_batchnorm_over_8_devices_equals_one_device_on_the_global_batch():
     assert grad_gap > 1e-3 * scale
     var_gap = jnp.abs(stats_u["encoder"]["bn_0"]["var"] - stats1["encoder"]["bn_0"]["var"])
     assert float(var_gap.max()) > 1e-3
+
+
+def test_decoder_options_keep_the_encoder_and_the_default_parity():
+    """decoder_type / decoder_hidden_dims change the decoder only; the defaults are
+    VanillaVAE's tree (the seed's 3,937,635 parameters are checked above)."""
+    x = jnp.zeros((3, 28, 28, 1))
+    key = jax.random.key(0)
+    base = models.VAE(
+        latent_dim=50,
+        hidden_dims=(32, 64, 128),
+        image_shape=(28, 28, 1),
+        likelihood="bernoulli",
+        output_activation="none",
+    )
+    mirrored = models.VAE(
+        latent_dim=50,
+        hidden_dims=(32, 64, 128),
+        image_shape=(28, 28, 1),
+        likelihood="bernoulli",
+        output_activation="none",
+        decoder_hidden_dims=(32, 64, 128),
+    )
+    narrow = models.VAE(
+        latent_dim=50,
+        hidden_dims=(32, 64, 128),
+        image_shape=(28, 28, 1),
+        likelihood="bernoulli",
+        output_activation="none",
+        decoder_hidden_dims=(8, 16),
+    )
+    mlp = models.VAE(
+        latent_dim=50,
+        hidden_dims=(32, 64, 128),
+        image_shape=(28, 28, 1),
+        likelihood="bernoulli",
+        output_activation="none",
+        decoder_type="mlp",
+        decoder_hidden_dims=(512, 256),
+    )
+    shapes = {}
+    for name, m in [("base", base), ("mirrored", mirrored), ("narrow", narrow), ("mlp", mlp)]:
+        v = m.init(key, x, key)
+        shapes[name] = jax.tree.map(lambda a: a.shape, v["params"])
+        out, mean, _ = m.apply(v, x, key)
+        assert out.shape == x.shape and mean.shape == (3, 50)
+    assert shapes["mirrored"] == shapes["base"]
+    for name in ("narrow", "mlp"):
+        assert shapes[name]["encoder"] == shapes["base"]["encoder"]
+    assert shapes["narrow"]["decoder"]["decoder_input"]["kernel"] == (50, 7 * 7 * 16)
+    assert shapes["mlp"]["decoder"] == {
+        "dense_0": {"kernel": (50, 512), "bias": (512,)},
+        "dense_1": {"kernel": (512, 256), "bias": (256,)},
+        "output": {"kernel": (256, 784), "bias": (784,)},
+    }
+    # The MLP decoder computes leaky_relu layers then a dense output, reshaped to the image.
+    v = mlp.init(key, x, key)
+    z = jax.random.normal(key, (2, 50))
+    p = v["params"]["decoder"]
+    h = jax.nn.leaky_relu(z @ p["dense_0"]["kernel"] + p["dense_0"]["bias"], 0.01)
+    h = jax.nn.leaky_relu(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"], 0.01)
+    want = (h @ p["output"]["kernel"] + p["output"]["bias"]).reshape(2, 28, 28, 1)
+    np.testing.assert_allclose(mlp.apply(v, z, method="decode"), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs decoder_hidden_dims"):
+        models.VAE(latent_dim=2, decoder_type="mlp").init(key, jnp.zeros((1, 64, 64, 3)), key)
+    with pytest.raises(ValueError, match="decoder_type must be one of"):
+        models.VAE(latent_dim=2, decoder_type="resnet").init(key, jnp.zeros((1, 64, 64, 3)), key)

@@ -121,9 +121,30 @@ def test_eval_covers_whole_split_with_masked_padding(full_run, mock):
     for k in ("test_neg_elbo", "test_kl", "test_nll_iwae"):
         np.testing.assert_allclose(out[k], results[k], rtol=1e-5)
     assert (workdir / "eval_results.json").exists()
+    # Every evaluation is also kept in eval_history.jsonl (a second one adds a line).
+    train_lib.evaluate_workdir(tiny_config(), workdir)
+    history = [json.loads(x) for x in (workdir / "eval_history.jsonl").read_text().splitlines()]
+    assert len(history) >= 2 and history[-1]["test_nll_iwae"] == out["test_nll_iwae"]
     paths = train_lib.sample_workdir(tiny_config(), workdir, which="best")
     assert {p.name for p in paths} >= {"samples_step00000004.png"}
     assert all(p.parent == workdir / "samples" and p.stat().st_size > 100 for p in paths)
+
+
+def test_eval_memory_budget_changes_the_calls_not_the_estimate(full_run, mock):
+    """A budget of one sample per decoder call (blocks of 1 example, K chunks of 1) and a
+    large one give the same numbers: the plan is a memory setting only."""
+    workdir, results = full_run
+    tiny = tiny_config()
+    tiny.eval.memory_mb = 1e-6
+    tiny.eval.iwae_chunk_size = 0
+    out = train_lib.evaluate_workdir(tiny, workdir)
+    big = tiny_config()
+    big.eval.memory_mb = 4096.0
+    big.eval.iwae_chunk_size = 0
+    ref = train_lib.evaluate_workdir(big, workdir)
+    for k in ("test_neg_elbo", "test_kl", "test_nll_iwae"):
+        np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(out[k], results[k], rtol=1e-6, err_msg=k)
 
 
 def test_resume_is_exact(full_run, mock, tmp_path):

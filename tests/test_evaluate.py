@@ -1,0 +1,75 @@
+"""The IWAE evaluation's memory plan and progress reports (the estimates: tests/test_train.py)."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxvae import config_utils, evaluate, models
+from jaxvae import train_state as ts
+from jaxvae.mesh import make_mesh
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize(
+    "local_batch, k, per_sample, memory_mb, cap, expected",
+    [
+        (500, 5000, MiB, 512, 0, (1, None)),  # 512 samples per call: all 500 rows, 1 sample
+        (500, 5000, MiB // 4, 512, 0, (4, None)),  # 2048 per call: 4 samples of 500 rows
+        (500, 5000, MiB // 4, 512, 3, (3, None)),  # the user's cap
+        (500, 3, MiB // 4, 512, 0, (3, None)),  # never more than K
+        (500, 5000, 4 * MiB, 512, 0, (1, 128)),  # not even one sample of all rows: blocks
+        (500, 5000, 4 * MiB, 1e-9, 0, (1, 1)),  # the smallest call: one sample
+    ],
+)
+def test_iwae_plan(local_batch, k, per_sample, memory_mb, cap, expected):
+    chunk, rows = evaluate.iwae_plan(local_batch, k, per_sample, memory_mb, cap)
+    assert (chunk, rows) == expected
+    assert chunk * (rows or local_batch) * per_sample <= max(memory_mb * MiB, per_sample)
+
+
+def test_decoder_bytes_per_sample_scales_with_the_decoder():
+    """Measured from the traced program: a wider decoder costs more per sample, and the
+    estimate covers at least the decoder's own outputs and activations."""
+    config = config_utils.base_config()
+    ll = models.make_log_likelihood_fn("bernoulli")
+    sizes = {}
+    for name, kind, dims in [("mlp256", "mlp", (256,)), ("mlp1024", "mlp", (1024, 1024))]:
+        config.model.decoder_type, config.model.decoder_hidden_dims = kind, dims
+        model = ts.build_model(config, (28, 28, 1), None)
+        sizes[name] = evaluate.decoder_bytes_per_sample(
+            model, evaluate.abstract_variables(model), ll
+        )
+    assert sizes["mlp256"] >= 4 * (256 + 784)
+    assert sizes["mlp1024"] >= 4 * (2048 + 784)
+    assert sizes["mlp1024"] > sizes["mlp256"]
+
+
+def test_evaluate_reports_progress_after_every_batch():
+    config = config_utils.load_config_file(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    )
+    mesh = make_mesh()
+    model = ts.build_model(config, (28, 28, 1), "data")
+    variables = jax.jit(lambda: ts.init_train_state(model, optax.sgd(0.1), 0))()
+    step = evaluate.make_eval_step(model, config, mesh)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": (rng.random((16, 28, 28, 1)) < 0.3).astype(np.float32), "mask": m}
+        for m in (np.ones(16, bool), np.arange(16) < 5)
+    ]
+    calls = []
+    out = evaluate.evaluate(
+        step,
+        variables.variables,
+        batches,
+        mesh,
+        jax.random.key(0),
+        784,
+        progress=lambda n, s: calls.append((n, s)),
+    )
+    assert [n for n, _ in calls] == [16, 21] and out["num_examples"] == 21
+    assert calls[0][1] <= calls[1][1]
