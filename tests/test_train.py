@@ -169,6 +169,24 @@ def test_resume_is_exact(full_run, mock, tmp_path):
     assert steps == [2, 4]
 
 
+def test_iwae_objective_with_mlp_decoder_resumes_exactly(mock, tmp_path):
+    """objective="iwae" (K = 3) on the MLP-decoder model: 2 steps + resume to 4 == 4 steps."""
+
+    def config(**kw):
+        c = tiny_config(objective="iwae", iwae_samples=3, **kw)
+        c.model.decoder_type, c.model.decoder_hidden_dims = "mlp", (32,)
+        return c
+
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    full = train_lib.train_and_evaluate(config(), whole)
+    assert full["objective"] == "iwae" and full["step"] == 4
+    assert train_lib.train_and_evaluate(config(num_train_steps=2), half)["step"] == 2
+    assert train_lib.train_and_evaluate(config(), half)["step"] == 4
+    a, b = final_params(whole, config()), final_params(half, config())
+    assert set(a["params"]["decoder"]) == {"dense_0", "output"}
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 def test_workdir_with_other_model_is_refused_and_untouched(full_run, mock):
     workdir, _ = full_run
     before = snapshot(workdir)
