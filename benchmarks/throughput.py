@@ -151,12 +151,6 @@ class TrainBench:
         return num_steps * self.batch_size / (time.perf_counter() - t0)
 
 
-def evaluate_ll(config):
-    from jaxvae import models
-
-    return models.make_log_likelihood_fn(config.model.likelihood, config.model.obs_logvar)
-
-
 class EvalBench:
     """The jaxvae.evaluate step (ELBO + IWAE) on one batch; ``run(n)`` -> samples/s."""
 
@@ -189,10 +183,7 @@ class EvalBench:
         self.step = step.lower(self.variables, self.images, self.mask, self.key).compile()
         self.compile_s = time.perf_counter() - t0
         self.samples_per_call = iwae_samples * batch
-        per_sample = evaluate.decoder_bytes_per_sample(model, variables, evaluate_ll(config))
-        self.plan = evaluate.iwae_plan(
-            batch // num_devices, iwae_samples, per_sample, memory_mb, iwae_chunk
-        )
+        self.plan = evaluate.make_iwae_planner(model, config)(batch // num_devices)
 
     def run(self, num_steps: int) -> float:
         import jax

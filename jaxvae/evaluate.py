@@ -87,6 +87,21 @@ def iwae_plan(
     return max(1, chunk), None
 
 
+def make_iwae_planner(
+    model: models.VAE, config: ml_collections.ConfigDict
+) -> Callable[[int], tuple[int, int | None]]:
+    """``plan(local_batch) -> (chunk, rows)``: :func:`iwae_plan` for ``model`` and
+    ``config.eval`` (the decoder's bytes per sample are traced once, here)."""
+    log_likelihood_fn = models.make_log_likelihood_fn(
+        config.model.likelihood, config.model.obs_logvar
+    )
+    per_sample = decoder_bytes_per_sample(model, abstract_variables(model), log_likelihood_fn)
+    ev = config.eval
+    return lambda local_batch: iwae_plan(
+        local_batch, ev.iwae_samples, per_sample, ev.memory_mb, ev.iwae_chunk_size
+    )
+
+
 def make_eval_step(
     model: models.VAE, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]:
@@ -101,16 +116,10 @@ def make_eval_step(
         config.model.likelihood, config.model.obs_logvar
     )
     num_samples = config.eval.iwae_samples
-    bytes_per_sample = decoder_bytes_per_sample(model, abstract_variables(model), log_likelihood_fn)
+    plan = make_iwae_planner(model, config)
 
     def per_device(variables, images, mask, key):
-        chunk, rows = iwae_plan(
-            images.shape[0],
-            num_samples,
-            bytes_per_sample,
-            config.eval.memory_mb,
-            config.eval.iwae_chunk_size,
-        )
+        chunk, rows = plan(images.shape[0])
         key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
         elbo_key, iwae_key = jax.random.split(key)
         mean, logvar = model.apply(variables, images, train=False, method="encode")
@@ -246,5 +255,6 @@ __all__ = [
     "evaluate",
     "iwae_plan",
     "make_eval_step",
+    "make_iwae_planner",
     "make_picture_fn",
 ]

@@ -68,6 +68,15 @@ def _forward_iwae(module: models.VAE, x: jax.Array, eps: jax.Array, log_likeliho
     return log_w, mean, logvar
 
 
+def _elbo_sums(reconstruction: jax.Array, kl: jax.Array) -> dict[str, jax.Array]:
+    """Local sums of the reported terms (beta = 1) from per-example ``[b]`` values."""
+    return {
+        "neg_elbo": jnp.sum(kl - reconstruction),
+        "reconstruction": jnp.sum(reconstruction),
+        "kl": jnp.sum(kl),
+    }
+
+
 def make_train_step(
     model: models.VAE,
     tx: optax.GradientTransformation,
@@ -109,14 +118,12 @@ def make_train_step(
         local_batch = images.shape[0]
         key = jax.random.fold_in(state.key, state.step)
         start = lax.axis_index(DATA_AXIS) * local_batch
+        # [B, D], or [K, B, D] for the IWAE: the global batch's noise, this device's rows.
+        shape = (global_batch_size, latent_dim)
         if objective == "iwae":
-            eps_all = jax.random.normal(
-                key, (num_samples, global_batch_size, latent_dim), jnp.float32
-            )
-            eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch, axis=1)
-        else:
-            eps_all = jax.random.normal(key, (global_batch_size, latent_dim), jnp.float32)
-            eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch)
+            shape = (num_samples, *shape)
+        eps_all = jax.random.normal(key, shape, jnp.float32)
+        eps = lax.dynamic_slice_in_dim(eps_all, start, local_batch, axis=len(shape) - 2)
         beta = kl_beta(state.step, config.beta, config.kl_warmup_steps)
 
         def iwae_loss_fn(params):
@@ -136,12 +143,7 @@ def make_train_step(
                 z, mean, logvar
             )
             reconstruction = jnp.mean(log_w - log_ratio, axis=0)  # [b]
-            kl = losses.gaussian_kl(mean, logvar)  # [b]
-            sums = {
-                "neg_elbo": jnp.sum(kl - reconstruction),
-                "reconstruction": jnp.sum(reconstruction),
-                "kl": jnp.sum(kl),
-            }
+            sums = _elbo_sums(reconstruction, losses.gaussian_kl(mean, logvar))
             # As for the ELBO: local sum / GLOBAL batch (see the module docstring).
             local_loss = -jnp.sum(bound) / global_batch_size
             return local_loss, (updates["batch_stats"], sums)
@@ -153,11 +155,7 @@ def make_train_step(
             )
             reconstruction = log_likelihood_fn(images, outputs)  # [b]
             kl = losses.gaussian_kl(mean, logvar)  # [b]
-            sums = {
-                "neg_elbo": jnp.sum(kl - reconstruction),
-                "reconstruction": jnp.sum(reconstruction),
-                "kl": jnp.sum(kl),
-            }
+            sums = _elbo_sums(reconstruction, kl)
             if objective == "elbo":
                 # Sum over local examples / GLOBAL batch: the implicit psum of the gradient
                 # then yields the gradient of the global-batch mean.

@@ -495,38 +495,17 @@ def test_decoder_options_keep_the_encoder_and_the_default_parity():
     VanillaVAE's tree (the seed's 3,937,635 parameters are checked above)."""
     x = jnp.zeros((3, 28, 28, 1))
     key = jax.random.key(0)
-    base = models.VAE(
+    common = dict(
         latent_dim=50,
         hidden_dims=(32, 64, 128),
         image_shape=(28, 28, 1),
         likelihood="bernoulli",
         output_activation="none",
     )
-    mirrored = models.VAE(
-        latent_dim=50,
-        hidden_dims=(32, 64, 128),
-        image_shape=(28, 28, 1),
-        likelihood="bernoulli",
-        output_activation="none",
-        decoder_hidden_dims=(32, 64, 128),
-    )
-    narrow = models.VAE(
-        latent_dim=50,
-        hidden_dims=(32, 64, 128),
-        image_shape=(28, 28, 1),
-        likelihood="bernoulli",
-        output_activation="none",
-        decoder_hidden_dims=(8, 16),
-    )
-    mlp = models.VAE(
-        latent_dim=50,
-        hidden_dims=(32, 64, 128),
-        image_shape=(28, 28, 1),
-        likelihood="bernoulli",
-        output_activation="none",
-        decoder_type="mlp",
-        decoder_hidden_dims=(512, 256),
-    )
+    base = models.VAE(**common)
+    mirrored = models.VAE(**common, decoder_hidden_dims=(32, 64, 128))
+    narrow = models.VAE(**common, decoder_hidden_dims=(8, 16))
+    mlp = models.VAE(**common, decoder_type="mlp", decoder_hidden_dims=(512, 256))
     shapes = {}
     for name, m in [("base", base), ("mirrored", mirrored), ("narrow", narrow), ("mlp", mlp)]:
         v = m.init(key, x, key)
