@@ -18,14 +18,25 @@ backward, Adam update.
 
 The driver alternates JAX and PyTorch windows (J T J T ...) in one process, with the same
 shapes and the same thread count, and reports each side's median images/s and the median of
-the per-pair ratios. Threads: ``--threads N`` calls ``torch.set_num_threads(N)``; XLA's CPU
-client sizes its intra-op pool to the machine's cores and has no flag to set its size, so the
-comparison is fair when N equals the core count (the default, ``os.cpu_count()``); for
-N == 1 the driver sets ``--xla_cpu_multi_thread_eigen=false`` (XLA single-threaded) before JAX
-starts. Neither side is given the other's thread pool while it runs: windows never overlap.
+the per-pair ratios.
+
+Mixed precision: ``--dtypes float32 bfloat16`` races each side in both. jaxvae's bfloat16 is
+``config.model.dtype = "bfloat16"`` (``jaxvae.models``: bfloat16 convolutions, matmuls and
+activations; float32 parameters, BatchNorm statistics and losses); PyTorch's is the usual
+``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass, with the outputs cast
+to float32 for the loss (as jaxvae does) and the backward pass outside the context.
+``--gemm N`` first times an ``N x N x N`` matmul in float32 and bfloat16 in both frameworks
+(GFLOP/s), which says whether the CPU has a native bfloat16 path (AVX512_BF16 / AMX).
+
+Threads: ``--threads N`` calls ``torch.set_num_threads(N)``; XLA's CPU client sizes its
+intra-op pool to the machine's cores and has no flag to set its size, so the comparison is
+fair when N equals the core count (the default, ``os.cpu_count()``); for N == 1 the driver
+sets ``--xla_cpu_multi_thread_eigen=false`` (XLA single-threaded) before JAX starts.
+Neither side is given the other's thread pool while it runs: windows never overlap.
 
     python benchmarks/pytorch_reference.py --config seed
     python benchmarks/pytorch_reference.py --config seed mnist --windows 7 --json race.json
+    python benchmarks/pytorch_reference.py --config seed mnist --dtypes float32 bfloat16 --gemm 2048
 
 torch is an optional benchmark dependency (``pip install torch``); jaxvae never imports it.
 """
@@ -100,8 +111,17 @@ def build_torch_vae(torch, latent_dim, hidden_dims, image_shape, output_activati
 class TorchBench:
     """PyTorch model + Adam + two fixed batches; ``run(n)`` -> images/s."""
 
-    def __init__(self, torch, config, image_shape, channels_last: bool, seed: int = 0):
+    def __init__(
+        self,
+        torch,
+        config,
+        image_shape,
+        channels_last: bool,
+        seed: int = 0,
+        autocast_bf16: bool = False,
+    ):
         torch.manual_seed(seed)
+        self.autocast_bf16 = autocast_bf16
         m = config.model
         self.torch = torch
         self.model = build_torch_vae(
@@ -132,7 +152,12 @@ class TorchBench:
         torch = self.torch
         F = torch.nn.functional
         eps = torch.randn(x.shape[0], self.latent_dim)
-        out, mu, log_var = self.model(x, eps)
+        if self.autocast_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, mu, log_var = self.model(x, eps)
+            out, mu, log_var = out.float(), mu.float(), log_var.float()
+        else:
+            out, mu, log_var = self.model(x, eps)
         kl = -0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1)
         if self.objective == "vanilla_vae_loss":
             recon = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
@@ -155,6 +180,47 @@ class TorchBench:
             self._i += 1
         float(loss.detach())  # eager already; mirrors the JAX side's final sync
         return num_steps * self.batch_size / (time.perf_counter() - t0)
+
+
+def _key(side: str, dtype: str) -> str:
+    """Bench name: ``jax`` / ``torch_nchw`` for float32 (the names of the float32-only race),
+    ``..._bf16`` for bfloat16."""
+    return side if dtype == "float32" else f"{side}_bf16"
+
+
+def gemm_rates(torch, n: int, threads: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an ``n x n @ n x n`` matmul, best of ``repeats``, per framework and dtype.
+
+    jax: ``jit(a @ b)`` on device-resident operands; torch: ``a @ b`` with ``threads`` threads.
+    Both in one process, one after the other.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    flops = 2.0 * n**3
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        keys = jax.random.split(jax.random.key(0))
+        a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(dtype) for k in keys)
+        f = jax.jit(lambda a, b: a @ b)
+        f(a, b).block_until_ready()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        out[f"jax_{dtype}"] = flops / best / 1e9
+        tdtype = getattr(torch, dtype)
+        ta, tb = (torch.randn(n, n).to(tdtype) for _ in range(2))
+        ta @ tb
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ta @ tb
+            best = min(best, time.perf_counter() - t0)
+        out[f"torch_{dtype}"] = flops / best / 1e9
+    out["threads"] = threads
+    return out
 
 
 def race(benches: dict, warmup: int, windows: int, steps: int) -> dict[str, list[float]]:
@@ -183,6 +249,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per window")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32"],
+        help="compute dtypes raced on both sides (bfloat16: jaxvae's config.model.dtype, "
+        "PyTorch's autocast)",
+    )
+    p.add_argument(
+        "--gemm", type=int, default=0, help="first time an N^3 matmul per framework and dtype"
+    )
     p.add_argument("--json", type=str)
     add_malloc_flag(p)
     args = p.parse_args(argv)
@@ -200,13 +277,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from jaxvae import host_memory
 
+    if args.gemm:
+        gemm = gemm_rates(torch, args.gemm, args.threads)
+        print(json.dumps({"gemm_gflops": gemm, "n": args.gemm}), flush=True)
+
     results = []
     for name in args.config:
         config = load_config(name, args.batch_size, args.conv_impl)
         shape = image_shape(config)
-        benches = {"jax": TrainBench(config)}
-        for layout in args.torch_layouts:
-            benches[f"torch_{layout}"] = TorchBench(torch, config, shape, layout == "channels_last")
+        benches, compile_s = {}, {}
+        for dtype in args.dtypes:
+            config.model.dtype = dtype
+            jax_bench = TrainBench(config)
+            benches[_key("jax", dtype)] = jax_bench
+            compile_s[dtype] = jax_bench.compile_s
+        for dtype in args.dtypes:
+            for layout in args.torch_layouts:
+                benches[_key(f"torch_{layout}", dtype)] = TorchBench(
+                    torch,
+                    config,
+                    shape,
+                    layout == "channels_last",
+                    autocast_bf16=dtype == "bfloat16",
+                )
         rates = race(benches, args.warmup, args.windows, args.steps)
         row = {
             "config": name,
@@ -215,39 +308,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "threads": args.threads,
             "jax_backend": jax.default_backend(),
             "conv_impl": args.conv_impl,
-            "jax_compile_s": benches["jax"].compile_s,
+            "dtypes": args.dtypes,
+            "jax_compile_s": compile_s,
             "torch_version": torch.__version__,
             "hugepage_malloc": host_memory.hugepages_active(),
             "images_per_s": {k: float(np.median(v)) for k, v in rates.items()},
             "windows": rates,
         }
-        for layout in args.torch_layouts:
-            pairs = np.array(rates["jax"]) / np.array(rates[f"torch_{layout}"])
-            row[f"ratio_jax_over_torch_{layout}"] = float(np.median(pairs))
+        for jax_dtype in args.dtypes:
+            for torch_dtype in args.dtypes:
+                for layout in args.torch_layouts:
+                    j, t = _key("jax", jax_dtype), _key(f"torch_{layout}", torch_dtype)
+                    pairs = np.array(rates[j]) / np.array(rates[t])
+                    row[f"ratio_{j}_over_{t}"] = float(np.median(pairs))
         results.append(row)
         print(json.dumps(row), flush=True)
 
     print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
-    print(
-        f"{'config':6s} {'batch':>5s} {'threads':>7s} "
-        + " ".join(
-            f"{k:>20s}"
-            for k in ["jax img/s"]
-            + [f"torch_{lay} img/s" for lay in args.torch_layouts]
-            + [f"jax/torch_{lay}" for lay in args.torch_layouts]
-        )
-    )
     for r in results:
-        cols = [r["images_per_s"]["jax"]] + [
-            r["images_per_s"][f"torch_{lay}"] for lay in args.torch_layouts
-        ]
-        ratios = [r[f"ratio_jax_over_torch_{lay}"] for lay in args.torch_layouts]
-        print(
-            f"{r['config']:6s} {r['batch_size']:5d} {r['threads']:7d} "
-            + " ".join(f"{c:20.1f}" for c in cols)
-            + " "
-            + " ".join(f"{x:20.2f}" for x in ratios)
-        )
+        print(f"\n{r['config']} (batch {r['batch_size']}, {r['threads']} threads), images/s:")
+        for k, v in r["images_per_s"].items():
+            print(f"  {k:28s} {v:8.1f}")
+        for k, v in r.items():
+            if k.startswith("ratio_"):
+                print(f"  {k[len('ratio_') :]:50s} {v:6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

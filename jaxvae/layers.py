@@ -45,13 +45,21 @@ in outputs and gradients against a NumPy transcription of PyTorch's formulas):
 
 Rearranged kernels are built from the same ``kernel`` parameter inside the traced function
 (reshapes, slices, pads, concatenations), so gradients flow to the same parameter tree.
+
+Mixed precision: every layer computes in its input's dtype. For a bfloat16 input the float32
+``kernel`` is cast to bfloat16, so the GEMMs / convolutions take bfloat16 operands and return
+bfloat16; the tap sums of the ``gemm`` formulations (a convolution's accumulation, forward and
+backward) are added in float32 and rounded once, and the bias is added in float32
+(:func:`add_bias`), so that its gradient is reduced in float32. :class:`Dense` does the same
+for fully connected layers. (Matmuls and convolutions with bfloat16 operands accumulate in
+float32 on TPU, GPU and XLA's CPU backend alike and round their output once.)
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -157,6 +165,21 @@ def _taps_gather(u: jax.Array, ho: int, wo: int) -> jax.Array:
     return jnp.concatenate(taps, axis=-1)
 
 
+def _accumulate(planes: list[jax.Array]) -> jax.Array:
+    """Sum of same-shaped arrays, accumulated in at least float32, in their dtype.
+
+    The tap sums of the GEMM formulations are the accumulation of a convolution: in bfloat16
+    they are summed in float32 and rounded once, as a native convolution (or a TPU's MXU)
+    accumulates. Elementwise, so XLA fuses the conversions; a no-op for float32.
+    """
+    dtype = planes[0].dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    total = planes[0].astype(acc)
+    for p in planes[1:]:
+        total = total + p.astype(acc)
+    return total.astype(dtype)
+
+
 # Output phase r of a transposed k3/s2/p1 conv (o = 2m + r) sums x[m + shift] * w[tap]
 # over these (tap, shift) pairs: even outputs 2m take x[m] w[1]; odd outputs 2m + 1 take
 # x[m] w[2] + x[m + 1] w[0].
@@ -183,7 +206,7 @@ def _untaps_gather(z: jax.Array) -> jax.Array:
         phase_cols = []
         for s in range(2):
             planes = [plane(a, dr, b, dc) for a, dr in _PHASE_TAPS[r] for b, dc in _PHASE_TAPS[s]]
-            phase_cols.append(sum(planes[1:], planes[0]))
+            phase_cols.append(_accumulate(planes))
         phase_rows.append(jnp.stack(phase_cols, axis=3))  # [N, h, w, 2 (s), C]
     y = jnp.stack(phase_rows, axis=2)  # [N, h, 2 (r), w, 2 (s), C]
     return y.reshape(n, 2 * h, 2 * w, c)
@@ -346,7 +369,7 @@ def _tap_sum_gather(z: jax.Array) -> jax.Array:
     n, h, w, _, _, c = z.shape
     zp = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
     planes = [zp[:, a : a + h, b : b + w, a, b, :] for a in range(3) for b in range(3)]
-    return sum(planes[1:], planes[0])
+    return _accumulate(planes)
 
 
 def _tap_spread_planar(g: jax.Array) -> jax.Array:
@@ -407,6 +430,41 @@ _CONV_T = {
 }
 
 
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` in at least float32, returned in ``y``'s dtype.
+
+    For a bfloat16 ``y`` the float32 bias is not rounded to bfloat16 first, and, what matters
+    more, the bias gradient (the sum of the output's cotangent over every batch row and pixel)
+    is then reduced in float32: XLA reduces a bfloat16 array in bfloat16, rounding after every
+    addition (on CPU too), which loses the gradient of a bias summed over 10^5 outputs. The
+    add fuses with its producer; for float32 it is the plain ``y + bias``.
+    """
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
+
+
+class Dense(nn.Module):
+    """``flax.linen.Dense`` (same parameter tree: ``kernel [C_in, features]``, ``bias
+    [features]``) computing ``x @ kernel`` in ``dtype``, with the bias added by
+    :func:`add_bias` (in float32, so its gradient is reduced in float32). Returns ``dtype``.
+    For ``dtype=float32`` it computes what ``nn.Dense`` computes.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        y = lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ()))
+        )
+        return add_bias(y, bias)
+
+
 class _Conv3x3Base(nn.Module):
     """Shared body of the three layers: own ``kernel``/``bias``, dispatch on ``impl``.
 
@@ -430,7 +488,7 @@ class _Conv3x3Base(nn.Module):
         shape = (3, 3, self.features, c_in) if self._transposed else (3, 3, c_in, self.features)
         kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", self.bias_init, (self.features,))
-        return fn(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+        return add_bias(fn(x, kernel.astype(x.dtype)), bias)
 
 
 class Conv3x3Stride2(_Conv3x3Base):
@@ -470,6 +528,8 @@ class ConvTranspose3x3Stride2(_Conv3x3Base):
 __all__ = [
     "IMPLS",
     "Conv3x3",
+    "Dense",
+    "add_bias",
     "conv3x3_gemm",
     "conv3x3_xla",
     "Conv3x3Stride2",

@@ -45,6 +45,18 @@ Parameter tree (stable; ``jaxvae.convert`` and checkpoints rely on it)::
 
 Index ``i`` follows PyTorch's ``encoder.{i}`` / ``decoder.{i}`` (decoder level 0 is the one right
 after ``decoder_input``).
+
+Mixed precision (``dtype=jnp.bfloat16``): the parameter tree, its float32 dtype and the float32
+BatchNorm statistics do not depend on ``dtype``, so a checkpoint written in one dtype restores
+in the other. In ``dtype``: the images once they enter the encoder, every convolution and
+matmul (float32 parameters are cast to ``dtype`` at the op; their accumulators are float32)
+and the activations between layers (BatchNorm outputs, LeakyReLU). In float32: BatchNorm's
+batch statistics and normalisation, the tap sums of the GEMM convolutions, bias additions (so
+bias gradients are reduced in float32), the mean and log-variance (cast at the encoder's end)
+and the decoder's outputs (logits, or means with their ``tanh``), so the reparameterisation,
+the KL and every log-likelihood and its sums run in float32. ``tests/test_train_step.py``
+checks this on the traced training and evaluation steps and compares a bfloat16 step with a
+float32 one.
 """
 
 from __future__ import annotations
@@ -100,7 +112,13 @@ def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> nn
         axis_name=axis_name if train else None,
         # Two-pass variance: closer to PyTorch (and to float64) than E[x^2] - E[x]^2.
         use_fast_variance=False,
+        # Mixed precision: the input and output are in the compute dtype, but the batch mean
+        # and variance are reduced in float32 (also over the mesh axis), the normalisation is
+        # computed in float32 and rounded once, and scale, bias and the running statistics are
+        # float32 (flax's default, made explicit).
         dtype=dtype,
+        param_dtype=jnp.float32,
+        force_float32_reductions=True,
         name=name,
     )
 
@@ -127,8 +145,8 @@ class ConvEncoder(nn.Module):
         h = h.reshape(h.shape[0], -1)  # (h, w, c) order; see the module docstring.
         init = torch_default_init(h.shape[-1])
         dense = dict(dtype=self.dtype, kernel_init=init, bias_init=init)
-        mean = nn.Dense(self.latent_dim, name="fc_mu", **dense)(h)
-        logvar = nn.Dense(self.latent_dim, name="fc_var", **dense)(h)
+        mean = layers.Dense(self.latent_dim, name="fc_mu", **dense)(h)
+        logvar = layers.Dense(self.latent_dim, name="fc_var", **dense)(h)
         return mean.astype(jnp.float32), logvar.astype(jnp.float32)
 
 
@@ -149,13 +167,13 @@ class ConvDecoder(nn.Module):
         b_h, b_w = bottleneck_shape((height, width), len(dims))
 
         init = torch_default_init(z.shape[-1])
-        h = nn.Dense(
+        h = layers.Dense(
             b_h * b_w * dims[-1],
             dtype=self.dtype,
             kernel_init=init,
             bias_init=init,
             name="decoder_input",
-        )(z.astype(self.dtype))
+        )(z)
         h = h.reshape(h.shape[0], b_h, b_w, dims[-1])
         for i, features in enumerate(reversed(dims[:-1])):
             init = torch_default_init(features * 9)
@@ -186,9 +204,12 @@ class ConvDecoder(nn.Module):
         h = layers.Conv3x3(
             channels, impl=self.conv_impl, kernel_init=init, bias_init=init, name="final_conv"
         )(h)
+        # Outputs (logits / means) leave the compute dtype here: tanh and the likelihood that
+        # reduces them run in float32.
+        h = h.astype(jnp.float32)
         if self.output_activation == "tanh":
             h = jnp.tanh(h)
-        return h.astype(jnp.float32)
+        return h
 
 
 class MLPDecoder(nn.Module):
@@ -208,24 +229,24 @@ class MLPDecoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
         del train  # no BatchNorm here; the argument keeps ConvDecoder's signature
-        h = z.astype(self.dtype)
+        h = z
         for i, features in enumerate(self.hidden_dims):
             init = torch_default_init(h.shape[-1])
-            h = nn.Dense(
+            h = layers.Dense(
                 features, dtype=self.dtype, kernel_init=init, bias_init=init, name=f"dense_{i}"
             )(h)
             h = nn.leaky_relu(h, negative_slope=0.01)
         init = torch_default_init(h.shape[-1])
-        h = nn.Dense(
+        h = layers.Dense(
             math.prod(self.image_shape),
             dtype=self.dtype,
             kernel_init=init,
             bias_init=init,
             name="output",
-        )(h)
+        )(h).astype(jnp.float32)
         if self.output_activation == "tanh":
             h = jnp.tanh(h)
-        return h.reshape(h.shape[0], *self.image_shape).astype(jnp.float32)
+        return h.reshape(h.shape[0], *self.image_shape)
 
 
 class VAE(nn.Module):
@@ -240,7 +261,11 @@ class VAE(nn.Module):
       output_activation: ``"tanh"`` (the seed) or ``"none"``; only used for ``"gaussian"``.
       axis_name: mapped axis over which BatchNorm reduces batch statistics in training.
       conv_impl: implementation of the strided convs, passed to ``jaxvae.layers``.
-      dtype: compute dtype (parameters are float32; means/logvars/outputs are returned float32).
+      dtype: compute dtype of the convolutions, matmuls and activations (``float32`` or
+        ``bfloat16``). Parameters and BatchNorm statistics are float32 whatever it is, so one
+        checkpoint serves both; BatchNorm reduces its statistics in float32, biases are added
+        in float32, and the mean, log-variance and decoder outputs are returned float32, so
+        every loss reduction runs in float32 (module docstring, "Mixed precision").
       decoder_type: ``"conv"`` (VanillaVAE's, the default) or ``"mlp"`` (:class:`MLPDecoder`).
       decoder_hidden_dims: the decoder's widths. ``None`` (default): the conv decoder mirrors
         ``hidden_dims`` (VanillaVAE). Given: the conv decoder's levels (so the encoder can be

@@ -6,6 +6,7 @@ Entry points (``train.py`` is a thin CLI over them):
   writes ``results.json``.
 - :func:`evaluate_workdir` evaluates the latest or best checkpoint of a workdir.
 - :func:`sample_workdir` writes prior samples (and reconstructions) of a workdir's checkpoint.
+- :func:`load_trained` returns a workdir's trained model and variables, for your own code.
 
 Every check that can reject a run (config, device count, dataset availability, workdir holding
 another model) happens in :func:`_setup` *before* anything is written to the workdir.
@@ -54,6 +55,18 @@ _EVAL_KEY_SALT = 0x5EED
 
 class WorkdirMismatchError(RuntimeError):
     """The workdir holds a run of a different model; nothing was written."""
+
+
+# config.model fields that change how the model computes, not what it is: the parameters and
+# BatchNorm statistics are float32 in either compute dtype, so a run started in float32 (say on
+# a CPU) may resume or be evaluated in bfloat16 (on a TPU), and back.
+_COMPUTE_ONLY_MODEL_FIELDS = ("dtype",)
+
+
+def _without_compute_only(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a ``config.json`` dict) without :data:`_COMPUTE_ONLY_MODEL_FIELDS`."""
+    model = {k: v for k, v in config["model"].items() if k not in _COMPUTE_ONLY_MODEL_FIELDS}
+    return {**config, "model": model}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +137,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
     if config_path.exists() and (workdir / "checkpoints").exists():
         old = json.loads(config_path.read_text())
         new = config_utils.to_dict(config)
-        diff = config_utils.model_config_diff(old, new)
+        diff = config_utils.model_config_diff(
+            _without_compute_only(old), _without_compute_only(new)
+        )
         if diff:
             raise WorkdirMismatchError(
                 f"The workdir {workdir} holds a run of a different model; its config.json "
@@ -289,13 +304,21 @@ def _test_metrics(ev: dict[str, float]) -> dict[str, float]:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, progress_stream=None
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    progress_stream=None,
+    *,
+    progress_bar: bool | None = None,
 ) -> dict[str, Any]:
     """Trains ``workdir``'s run to its last step (resuming), evaluates, returns ``results.json``.
 
     The length of the run is ``config.num_train_steps``, or ``config.num_epochs`` of the
     training split at ``config.batch_size`` when ``num_train_steps`` is -1
     (:func:`jaxvae.config_utils.resolve_train_steps`).
+
+    Progress goes to ``progress_stream`` (default stderr): a tqdm bar when that stream is a
+    terminal, plain log lines otherwise. ``progress_bar=True`` asks for the bar whatever the
+    stream (``tqdm.auto``: a widget in Jupyter/Colab), ``False`` for the log lines.
 
     Raises (before writing anything): ``config_utils.ConfigError``,
     ``input_pipeline.DatasetNotFoundError``, :class:`WorkdirMismatchError`,
@@ -331,7 +354,9 @@ def train_and_evaluate(
     # Files are written by process 0 only (every process holds the same replicated values).
     is_main = jax.process_index() == 0
     writer = reporting.MetricsWriter(workdir, start_step) if is_main else None
-    progress = reporting.Progress(num_steps, start_step, cfg.batch_size, progress_stream)
+    progress = reporting.Progress(
+        num_steps, start_step, cfg.batch_size, progress_stream, use_bar=progress_bar
+    )
     timer = reporting.Timer()
     if start_step:
         progress.message(f"Resumed from {workdir / 'checkpoints'} at step {start_step}.")
@@ -541,6 +566,32 @@ def evaluate_workdir(
     return results
 
 
+def load_trained(
+    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
+) -> tuple[Any, dict[str, Any], int]:
+    """The trained model of a workdir, to use in your own code: ``(model, variables, step)``.
+
+    ``model`` is the run's :class:`jaxvae.models.VAE` (a Flax module, BatchNorm without a mapped
+    axis), ``variables`` the ``{"params", "batch_stats"}`` of the workdir's ``latest`` or
+    ``best`` checkpoint as NumPy arrays on the host, and ``step`` that checkpoint's step. The
+    config must describe the workdir's model (its ``config.json``; another model is refused with
+    :class:`WorkdirMismatchError`). Nothing in the workdir is changed. For example::
+
+        model, variables, step = load_trained(config, "runs/mnist")
+        images = model.apply(variables, x, method="reconstruct")  # x: [N, H, W, C]
+        samples = model.apply(variables, jax.random.key(0), 16, method="sample")
+
+    Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
+    checkpoint, ``ValueError`` for another ``which``.
+    """
+    s, state, step = _restore_for_inference(config, workdir, which)
+    try:
+        variables = jax.device_get(state.variables)
+    finally:
+        checkpointing.close(s.manager)
+    return s.programs.eval_model, variables, int(step)
+
+
 def sample_workdir(
     config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
 ) -> list[Path]:
@@ -560,6 +611,7 @@ __all__ = [
     "TrainingDivergedError",
     "WorkdirMismatchError",
     "evaluate_workdir",
+    "load_trained",
     "sample_workdir",
     "train_and_evaluate",
 ]

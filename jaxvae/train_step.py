@@ -19,6 +19,15 @@ for the whole global batch ``B``; each device takes its rows. A run is therefore
 ``config.seed`` and draws the same noise whatever the number of devices (which is what lets the
 8-device step be compared with the 1-device step exactly). Generating ``B x D`` normals per
 device costs nothing next to the convolutions.
+
+Mixed precision (``config.model.dtype = "bfloat16"``). The model computes in bfloat16 but
+returns float32 means, log-variances and decoder outputs (``jaxvae.models``), so the noise, the
+KL, the log-likelihoods, the IWAE ``logsumexp``, every sum below and the loss are float32; so
+are the parameters, their gradients (summed over devices in float32, see :func:`_varying`),
+the optimizer state and the BatchNorm statistics. Tested in ``tests/test_train_step.py``: no
+reduction or cross-device sum of the traced step takes a bfloat16 operand, every matmul and
+convolution takes bfloat16 ones, and loss and gradients agree with the float32 step's within
+bfloat16's rounding.
 """
 
 from __future__ import annotations
@@ -66,6 +75,18 @@ def _forward_iwae(module: models.VAE, x: jax.Array, eps: jax.Array, log_likeliho
 
     log_w = losses.log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
     return log_w, mean, logvar
+
+
+def _varying(params):
+    """The replicated float32 parameters, marked device-varying before the model casts them.
+
+    The transpose of this cast is the ``psum`` that sums the gradient over devices (module
+    docstring), so the sum runs on float32 gradients. Left to JAX, the invariant -> varying
+    cast would be inserted where a parameter first meets the local batch: in a bfloat16 model
+    that is after its cast to bfloat16, and the gradient would be summed over devices in
+    bfloat16. (For float32 it moves the same sums, over the same values.)
+    """
+    return lax.pcast(params, DATA_AXIS, to="varying")
 
 
 def _elbo_sums(reconstruction: jax.Array, kl: jax.Array) -> dict[str, jax.Array]:
@@ -127,7 +148,7 @@ def make_train_step(
         beta = kl_beta(state.step, config.beta, config.kl_warmup_steps)
 
         def iwae_loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
+            variables = {"params": _varying(params), "batch_stats": state.batch_stats}
             (log_w, mean, logvar), updates = model.apply(
                 variables,
                 images,
@@ -149,7 +170,7 @@ def make_train_step(
             return local_loss, (updates["batch_stats"], sums)
 
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
+            variables = {"params": _varying(params), "batch_stats": state.batch_stats}
             (outputs, mean, logvar), updates = model.apply(
                 variables, images, eps, method=_forward, mutable=["batch_stats"]
             )

@@ -240,3 +240,135 @@ def test_auto_picks_per_backend_and_bad_values_raise():
     variables = jax.jit(layers.Conv3x3Stride2(2).init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\].*\(1, 4, 4, 5\)"):
         layers.Conv3x3Stride2(2).apply(variables, jnp.zeros((1, 4, 4, 5)))
+
+
+def _program(fn, *args) -> str:
+    """The traced program (jaxpr, sub-programs included) as text: equal text, same ops."""
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_is_the_native_convolution_on_accelerators(monkeypatch, backend):
+    """No CPU-only formulation on a GPU/TPU: "auto" traces to exactly what "xla" traces to.
+
+    ``jax.default_backend`` is replaced (the tests run on CPU); ``resolve_impl`` reads it at
+    trace time, so every layer and the whole model see the accelerator.
+    """
+    from jaxvae.models import VAE
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert layers.resolve_impl("auto") == "xla"
+    x = jnp.zeros((2, 8, 8, 3))
+    for module in (layers.Conv3x3Stride2(4), layers.ConvTranspose3x3Stride2(4), layers.Conv3x3(2)):
+        variables = module.init(jax.random.key(0), x)
+        auto = _program(module.apply, variables, x)
+        assert "conv_general_dilated" in auto
+        assert auto == _program(module.clone(impl="xla").apply, variables, x)
+
+    kwargs = dict(latent_dim=4, hidden_dims=(8, 16), image_shape=(8, 8, 3), likelihood="bernoulli")
+    model = VAE(**kwargs)
+    images = jnp.zeros((2, 8, 8, 3))
+    variables = model.init({"params": jax.random.key(0)}, images, jax.random.key(1))
+    apply = lambda m: lambda x, key: m.apply(variables, x, key, train=False)
+    auto = _program(apply(model), images, jax.random.key(2))
+    assert auto == _program(apply(VAE(**kwargs, conv_impl="xla")), images, jax.random.key(2))
+    assert auto != _program(apply(VAE(**kwargs, conv_impl="gemm")), images, jax.random.key(2))
+
+
+def test_auto_is_gemm_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert layers.resolve_impl("auto") == "gemm"
+    x = jnp.zeros((2, 8, 8, 3))
+    module = layers.Conv3x3Stride2(4)
+    variables = module.init(jax.random.key(0), x)
+    auto = _program(module.apply, variables, x)
+    assert "conv_general_dilated" not in auto
+    assert auto == _program(module.clone(impl="gemm").apply, variables, x)
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision: a bfloat16 input computes in bfloat16, reduces in float32
+# ---------------------------------------------------------------------------
+
+BF16 = jnp.dtype(jnp.bfloat16)
+
+
+def _equations(jaxpr):
+    """Every equation of a (closed) jaxpr and of the jaxprs nested in its equations."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    yield from _equations(sub)
+
+
+def _operand_dtypes(eqn):
+    return {jnp.dtype(v.aval.dtype) for v in eqn.invars if hasattr(v.aval, "dtype")}
+
+
+_PRODUCTS = ("dot_general", "conv_general_dilated")
+_BF16_CASES = [
+    (module, impl)
+    for module in (layers.Conv3x3Stride2, layers.ConvTranspose3x3Stride2, layers.Conv3x3)
+    for impl in IMPLS
+] + [(layers.Dense, None)]
+
+
+@pytest.mark.parametrize(("module", "impl"), _BF16_CASES, ids=lambda a: getattr(a, "__name__", a))
+def test_bfloat16_input_computes_in_bfloat16_and_reduces_bias_gradient_in_float32(module, impl):
+    """A bfloat16 input gives a bfloat16 output; every matmul/convolution of the forward and
+    backward pass takes bfloat16 operands, none float32; no reduction takes a bfloat16 operand.
+    The bias gradient, a sum over all 8 * 16 * 16 = 2048 outputs of a channel, is exact to
+    float32 rounding: XLA reduces a bfloat16 array in bfloat16, and such a sum of values near 1
+    stalls once it passes 256 (the bfloat16 spacing there is 2), so a bias added in bfloat16
+    fails this by far. The float32 kernel and bias get float32 gradients."""
+    rng = np.random.default_rng(7)
+    x32 = jnp.asarray(rng.normal(size=(8, 16, 16, 16)), jnp.float32)
+    # The convs compute in their input's dtype; Dense, like nn.Dense, in its ``dtype``.
+    m = module(4, dtype=jnp.bfloat16) if impl is None else module(4, impl=impl)
+    variables = jax.jit(m.init)(jax.random.key(0), x32)
+    out_shape = jax.eval_shape(m.apply, variables, x32).shape
+    g = jnp.asarray(1.0 + 0.01 * rng.normal(size=out_shape), jnp.float32)
+
+    def loss(v, x):
+        return jnp.sum(m.apply(v, x).astype(jnp.float32) * g)
+
+    x16 = x32.astype(jnp.bfloat16)
+    y16 = jax.jit(m.apply)(variables, x16)
+    assert y16.dtype == BF16
+    dv = jax.jit(jax.grad(loss))(variables, x16)["params"]
+    assert {a.dtype for a in jax.tree.leaves(dv)} == {jnp.dtype(jnp.float32)}
+    # The bias gradient is sum(g) over every output of its channel (g rounded to bfloat16 as
+    # the cotangent of a bfloat16 output is).
+    want = np.sum(np.asarray(g.astype(jnp.bfloat16), np.float64), axis=(0, 1, 2))
+    np.testing.assert_allclose(dv["bias"], want, rtol=1e-5)
+    # Output within bfloat16 rounding of the float32 layer's on the same (rounded) input.
+    y32 = jax.jit(m.apply)(variables, x16.astype(jnp.float32))
+    err = np.max(np.abs(np.asarray(y16, np.float32) - y32)) / np.max(np.abs(y32))
+    assert err < 1e-2, err
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(variables, x16)
+    products = [e for e in _equations(jaxpr) if e.primitive.name in _PRODUCTS]
+    assert products and all(_operand_dtypes(e) == {BF16} for e in products), [
+        (e.primitive.name, _operand_dtypes(e)) for e in products
+    ]
+    reductions = [e for e in _equations(jaxpr) if e.primitive.name.startswith("reduce_")]
+    assert reductions and all(BF16 not in _operand_dtypes(e) for e in reductions)
+
+
+def test_dense_is_flax_dense_in_float32():
+    """``layers.Dense`` has ``nn.Dense``'s parameter tree and initialisation, and computes the
+    same function (outputs and gradients) in float32."""
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(5, 3, 12)), jnp.float32)
+    init = dict(bias_init=nn.initializers.normal(1.0))  # a non-zero bias
+    ref, m = nn.Dense(7, **init), layers.Dense(7, **init)
+    variables = jax.jit(ref.init)(jax.random.key(2), x)
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(m.init)(jax.random.key(2), x), variables)
+
+    def loss(module, v):
+        return jnp.sum(jnp.sin(module.apply(v, x)))
+
+    _close(m.apply(variables, x), ref.apply(variables, x), "Dense output")
+    grads = [jax.grad(lambda v, mod=mod: loss(mod, v))(variables) for mod in (m, ref)]
+    jax.tree.map(lambda a, b: _close(a, b, "Dense gradient"), *grads)

@@ -377,6 +377,55 @@ def test_bfloat16_compute_returns_float32_close_to_float32_model():
     )
 
 
+def test_bfloat16_model_has_the_float32_variables_and_float32_batchnorm_statistics():
+    """A bfloat16 model initialises the very same float32 variables (so checkpoints do not
+    depend on the compute dtype); in training its BatchNorm statistics stay float32 and match
+    the float32 model's on the same input to within the bfloat16 rounding of the activations."""
+    model = small_model(image_shape=(8, 8, 1), conv_impl="gemm")
+    low = model.clone(dtype=jnp.bfloat16)
+    v = init(model)
+    x = jnp.zeros((1, 8, 8, 1))
+    key = jax.random.key(0, impl="rbg")
+    v_low = jax.jit(lambda k: low.init({"params": k}, x, k, train=False))(key)
+    jax.tree.map(np.testing.assert_array_equal, v_low, v)
+
+    x = jax.random.normal(jax.random.key(15), (16, 8, 8, 1))
+    stats = {}
+    for m in (model, low):
+        _, upd = japply(m, v, x, jax.random.key(0), train=True, mutable=["batch_stats"])
+        stats[m.dtype] = upd["batch_stats"]
+        assert {a.dtype for a in jax.tree.leaves(upd["batch_stats"])} == {jnp.dtype(jnp.float32)}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3),
+        stats[jnp.bfloat16],
+        stats[jnp.float32],
+    )
+
+
+def test_batchnorm_in_bfloat16_reduces_its_statistics_in_float32():
+    """The model's BatchNorm on a bfloat16 input: bfloat16 output, float32 running statistics
+    that hold the input's mean and variance to float32 precision (computed from the exact
+    bfloat16 values in float64 here). Statistics reduced in bfloat16 would carry its 3
+    significant digits (a relative error up to 2^-9 = 2e-3) and fail the 1e-5 bound."""
+    rng = np.random.default_rng(16)
+    # Mean far from 0 and 4096 values per channel: a bfloat16 sum would be far off.
+    h = jnp.asarray(3.0 + rng.normal(size=(16, 16, 16, 4)), jnp.bfloat16)
+    bn = models._batch_norm(train=True, axis_name=None, dtype=jnp.bfloat16, name="bn")
+    variables = bn.init(jax.random.key(0), h)
+    y, upd = jax.jit(lambda v, h: bn.apply(v, h, mutable=["batch_stats"]))(variables, h)
+    assert y.dtype == jnp.bfloat16
+    stats = upd["batch_stats"]
+    assert {a.dtype for a in jax.tree.leaves(stats)} == {jnp.dtype(jnp.float32)}
+    exact = np.asarray(h, np.float64)
+    mean, var = exact.mean(axis=(0, 1, 2)), exact.var(axis=(0, 1, 2))
+    # Running statistics: 0.9 * initial (mean 0, variance 1) + 0.1 * the batch's.
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-6)
+    # The normalised output: (h - mean) / sqrt(var + eps), rounded to bfloat16 once.
+    want = (exact - mean) / np.sqrt(var + models.BN_EPSILON)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-8, atol=2**-8)
+
+
 # ---------------------------------------------------------------------------
 # BatchNorm across devices
 # ---------------------------------------------------------------------------

@@ -222,3 +222,91 @@ def test_corrupt_checkpoint_gives_actionable_error(full_run, mock, tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(checkpointing.CheckpointError, match=r"rm -r .*checkpoints/4"):
         train_lib.train_and_evaluate(tiny_config(), copy)
+
+
+def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(full_run, mock):
+    """load_trained -> (VAE, variables, step): the latest checkpoint's variables, and a model
+    whose reconstructions of the first eval images are the run's reconstructions PNG."""
+    from PIL import Image
+
+    from jaxvae import input_pipeline, models, reporting
+
+    workdir, _ = full_run
+    before = snapshot(workdir)
+    config = tiny_config()
+    model, variables, step = train_lib.load_trained(config, workdir)
+    assert step == 4 and isinstance(model, models.VAE) and model.axis_name is None
+    assert set(variables) == {"params", "batch_stats"}
+    saved = final_params(workdir, config)
+    for k in ("params", "batch_stats"):
+        assert jax.tree.structure(variables[k]) == jax.tree.structure(saved[k])
+        jax.tree.map(np.testing.assert_array_equal, variables[k], saved[k])
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(variables))
+
+    # The grid of _save_images: rows of n eval images, each followed by its reconstructions.
+    n = config.eval.num_image_grid
+    batch = next(input_pipeline.create_eval_batches(config.data, 4 * n, 0, 1))
+    x = batch["image"][batch["mask"]]
+    assert len(x) == 4 * n
+    recon = np.asarray(model.apply(variables, x, method="reconstruct"))
+    grid = reporting.image_grid(reporting.interleave_rows(x, recon, n), n)
+    png = np.asarray(Image.open(workdir / "images" / "reconstructions_step00000004.png"))
+    assert png.shape == grid.shape
+    assert np.abs(png.astype(int) - grid.astype(int)).max() <= 1  # uint8 rounding
+
+    assert train_lib.load_trained(config, workdir, which="best")[2] == 4  # evaluated at 4
+    with pytest.raises(ValueError, match="'latest' or 'best'"):
+        train_lib.load_trained(config, workdir, which="first")
+    assert snapshot(workdir) == before  # reading a run changes nothing
+
+
+@pytest.mark.parametrize(("first", "second"), [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_run_resumes_in_the_other_compute_dtype(mock, tmp_path, first, second):
+    """``config.model.dtype`` is compute-only (parameters, BatchNorm statistics and optimizer
+    state are float32 in either dtype): 2 steps in one dtype, then the same workdir resumed
+    with the other one. The checkpoint restores exactly under the other dtype, the run goes
+    on from it (steps 3 and 4 equal the other dtype's own step applied twice to the restored
+    state and the saved data position), and config.json then records the new dtype."""
+    from jaxvae import input_pipeline
+    from jaxvae.mesh import shard_batch
+
+    def config(dtype, **kw):
+        c = tiny_config(**kw)
+        c.model.dtype = dtype
+        return c
+
+    workdir = tmp_path / "run"
+    assert train_lib.train_and_evaluate(config(first, num_train_steps=2), workdir)["step"] == 2
+    saved = final_params(workdir, config(first))
+    restored = final_params(workdir, config(second))
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    jax.tree.map(np.testing.assert_array_equal, restored, saved)
+    floats = jax.tree.leaves((restored["params"], restored["batch_stats"], restored["opt_state"]))
+    assert {a.dtype for a in floats if a.dtype.kind == "f"} == {np.dtype(np.float32)}
+
+    # What resuming must compute: the second dtype's step, twice, from the checkpoint.
+    s = train_lib._setup(config(second), workdir, for_training=False)
+    try:
+        state, data_state = checkpointing.restore(s.manager, 2, s.target)
+    finally:
+        checkpointing.close(s.manager)
+    batches = input_pipeline.create_train_iterator(s.config.data, 16, s.config.seed)
+    batches.set_state(data_state)
+    for _ in range(2):
+        state, _ = s.programs.train_step(state, shard_batch(next(batches)["image"], s.mesh))
+    expected = jax.device_get(
+        {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    )
+
+    assert train_lib.train_and_evaluate(config(second), workdir)["step"] == 4
+    got = final_params(workdir, config(second))
+    assert int(got.pop("step")) == 4
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    # It moved on from the checkpoint (the comparison above has teeth).
+    assert not np.array_equal(
+        got["params"]["decoder"]["final_conv"]["kernel"],
+        saved["params"]["decoder"]["final_conv"]["kernel"],
+    )
+    assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == second
+    steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
