@@ -85,8 +85,19 @@ def _varying(params):
     cast would be inserted where a parameter first meets the local batch: in a bfloat16 model
     that is after its cast to bfloat16, and the gradient would be summed over devices in
     bfloat16. (For float32 it moves the same sums, over the same values.)
+
+    ``lax.pcast(..., to="varying")`` is jax >= 0.8's name for what jax 0.7 (the lower bound,
+    and Colab's 0.7.2) calls ``lax.pvary``.
     """
-    return lax.pcast(params, DATA_AXIS, to="varying")
+    if hasattr(lax, "pcast"):
+        return lax.pcast(params, DATA_AXIS, to="varying")
+    return lax.pvary(params, DATA_AXIS)
+
+
+def _global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together (``optax.tree.norm``, which optax 0.2.4, the lower
+    bound, does not have)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
 
 def _elbo_sums(reconstruction: jax.Array, kl: jax.Array) -> dict[str, jax.Array]:
@@ -201,10 +212,10 @@ def make_train_step(
         metrics = {k: lax.psum(v, DATA_AXIS) / global_batch_size for k, v in sums.items()}
         metrics["loss"] = lax.psum(local_loss, DATA_AXIS)
         metrics["beta"] = beta
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = _global_norm(grads)
         # Of the updated parameters: an update that overflows shows here before it reaches a
         # checkpoint (the training loop stops on any non-finite metric).
-        metrics["param_norm"] = optax.tree.norm(params)
+        metrics["param_norm"] = _global_norm(params)
         new_state = state.replace(
             step=state.step + 1,
             params=params,

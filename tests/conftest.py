@@ -4,7 +4,9 @@ This must run before JAX initialises its backends, so it lives at import time
 of the conftest, which pytest loads before any test module.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -20,8 +22,10 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 # Many tests build the same step functions again (each train_and_evaluate call traces its own
 # closures); JAX's persistent compilation cache turns those repeated XLA compilations into
-# cache hits. Per pytest process, in a fresh temporary folder.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-"))
+# cache hits. Per pytest process, in a fresh temporary folder that goes when the process ends.
+_xla_cache = tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-")
+atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _xla_cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

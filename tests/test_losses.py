@@ -13,6 +13,12 @@ from scipy import stats
 
 from jaxvae import losses
 
+# jax.enable_x64 is public from jax 0.8.0; jax 0.7 (the lower bound, and Colab's) has it only
+# as jax.experimental.enable_x64.
+_enable_x64 = getattr(jax, "enable_x64", None)
+if _enable_x64 is None:
+    from jax.experimental import enable_x64 as _enable_x64
+
 # --------------------------------------------------------------------------------------
 # A linear-Gaussian model with a closed-form marginal and posterior:
 #   p(z) = N(0, I_D),  p(x|z) = N(W z + b, s2 I_P).
@@ -113,7 +119,7 @@ def test_kl_matches_monte_carlo_estimate():
 
 def test_kl_gradients():
     rng = np.random.default_rng(3)
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         args = tuple(jnp.asarray(a) for a in rng.normal(size=(4, 3, 5)))
         kl = lambda m, lv, pm, plv: losses.gaussian_kl(m, lv, prior_mean=pm, prior_logvar=plv)
         check_grads(jax.jit(kl), args, order=2, modes=["fwd", "rev"])
@@ -479,7 +485,7 @@ def test_iwae_bound_gradients():
     assert all(g.shape == a.shape for g, a in zip(grads, (m32, lv32, w32), strict=True))
     assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
     # float64: the gradient matches finite differences (the noise is fixed by the key).
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         args = tuple(jnp.asarray(a, jnp.float64) for a in (m, lv, model.W))
         x64 = jnp.asarray(x, jnp.float64)
         check_grads(
