@@ -556,10 +556,11 @@ def test_decoder_options_keep_the_encoder_and_the_default_parity():
     narrow = models.VAE(**common, decoder_hidden_dims=(8, 16))
     mlp = models.VAE(**common, decoder_type="mlp", decoder_hidden_dims=(512, 256))
     shapes = {}
+    # Shapes only: jax.eval_shape traces init and apply without computing them.
     for name, m in [("base", base), ("mirrored", mirrored), ("narrow", narrow), ("mlp", mlp)]:
-        v = m.init(key, x, key)
+        v = jax.eval_shape(m.init, key, x, key)
         shapes[name] = jax.tree.map(lambda a: a.shape, v["params"])
-        out, mean, _ = m.apply(v, x, key)
+        out, mean, _ = jax.eval_shape(m.apply, v, x, key)
         assert out.shape == x.shape and mean.shape == (3, 50)
     assert shapes["mirrored"] == shapes["base"]
     for name in ("narrow", "mlp"):
@@ -571,14 +572,15 @@ def test_decoder_options_keep_the_encoder_and_the_default_parity():
         "output": {"kernel": (256, 784), "bias": (784,)},
     }
     # The MLP decoder computes leaky_relu layers then a dense output, reshaped to the image.
-    v = mlp.init(key, x, key)
+    v = jax.jit(mlp.init)(key, x, key)
     z = jax.random.normal(key, (2, 50))
     p = v["params"]["decoder"]
     h = jax.nn.leaky_relu(z @ p["dense_0"]["kernel"] + p["dense_0"]["bias"], 0.01)
     h = jax.nn.leaky_relu(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"], 0.01)
     want = (h @ p["output"]["kernel"] + p["output"]["bias"]).reshape(2, 28, 28, 1)
     np.testing.assert_allclose(mlp.apply(v, z, method="decode"), want, rtol=1e-5, atol=1e-5)
+    seed_x = jnp.zeros((1, 64, 64, 3))
     with pytest.raises(ValueError, match="needs decoder_hidden_dims"):
-        models.VAE(latent_dim=2, decoder_type="mlp").init(key, jnp.zeros((1, 64, 64, 3)), key)
+        jax.eval_shape(models.VAE(latent_dim=2, decoder_type="mlp").init, key, seed_x, key)
     with pytest.raises(ValueError, match="decoder_type must be one of"):
-        models.VAE(latent_dim=2, decoder_type="resnet").init(key, jnp.zeros((1, 64, 64, 3)), key)
+        jax.eval_shape(models.VAE(latent_dim=2, decoder_type="resnet").init, key, seed_x, key)
