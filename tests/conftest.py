@@ -9,11 +9,9 @@ import os
 import shutil
 import tempfile
 
-# The tests compile hundreds of small programs and run each briefly: LLVM's optimisations cost
-# more compile time than they save at run time (whole suite: 1,654 -> 1,220 CPU-seconds). No
-# fast-math: every comparison holds at unchanged tolerances, and the subprocess tests of
-# test_multiprocess.py have always compiled this way.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# multiprocess_launcher imports no JAX at module level, so this precedes JAX's initialisation.
+from multiprocess_launcher import FAST_COMPILE, confine_mock_fs_to_its_thread
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 ).strip()
@@ -69,6 +67,4 @@ def train_py(monkeypatch):
 
 # tfds.testing.mock_data redirects file access of the whole process while a mocked dataset is
 # read; confine it to the thread that entered it so orbax's background saves are not redirected.
-from multiprocess_launcher import confine_mock_fs_to_its_thread  # noqa: E402
-
 confine_mock_fs_to_its_thread()

@@ -12,7 +12,7 @@ steps, its resumption to 4 steps, and a long run whose second process is killed.
 
 Speed: JAX writes its persistent compilation cache from process 0 only, and on CPU the cache
 keys differ between processes, so process 1 compiles everything in every run. The subprocesses
-therefore compile with LLVM's cheap settings (``_FAST_COMPILE``), the same for every run
+therefore compile with LLVM's cheap settings (``FAST_COMPILE``), the same for every run
 compared here.
 """
 
@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from multiprocess_launcher import FAST_COMPILE
 
 from jaxvae import checkpointing, config_utils, train_lib
 
@@ -45,7 +46,6 @@ HEARTBEAT_S = 10  # --heartbeat_timeout of the run whose process is killed (othe
 # See test_two_processes_equal_one_process (weight decay).
 OVERRIDES = {"optimizer.weight_decay": 1.0}
 COMMON_ARGS = ("--config", "configs/tiny.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # A launcher's own variables must not leak into the children (they would join a cluster).
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -59,7 +59,7 @@ def _free_port() -> int:
 def _env(devices: int, cache_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {_FAST_COMPILE}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
         JAXVAE_TEST_CPU_DEVICES=str(devices),
         JAXVAE_TEST_MOCK_EXAMPLES=str(NUM_EXAMPLES),
         JAX_PLATFORMS="cpu",

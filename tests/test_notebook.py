@@ -93,15 +93,14 @@ def mnist_data_dir(tmp_path_factory) -> Path:
 
 def _kernel_env(data_dir: Path, workdir: Path, tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
-    # conftest.py asks for 8 virtual CPU devices; the kernel gets the default, one. XLA's CPU
-    # backend compiles without LLVM optimisation: the programs of a 20-step run compile several
-    # times faster (model.init: 20 s -> 2.5 s of CPU here) and run fast enough.
-    flags = [
+    # conftest.py asks for 8 virtual CPU devices; the kernel gets the default, one, and keeps
+    # conftest's FAST_COMPILE: the programs of a 20-step run compile several times faster
+    # (model.init: 20 s -> 2.5 s of CPU here) and run fast enough.
+    env["XLA_FLAGS"] = " ".join(
         f
         for f in env.get("XLA_FLAGS", "").split()
         if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_backend_optimization_level=0"])
+    )
     env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the figures
     env.update(
         JAX_PLATFORMS="cpu",
