@@ -4,14 +4,22 @@ The eval batch is sharded over the ``"data"`` mesh axis like the training batch;
 values are masked (the last batch of a split is padded, its ``mask`` is False on padding), summed
 on each device and ``psum``-ed, so every real example counts exactly once.
 
+Noise: the rule of the training step. Example ``j`` of the split has the key ``fold_in(key, j)``
+(``losses.example_keys``) and :mod:`jaxvae.losses` draws its noise from that key alone, so the
+test metrics of a checkpoint do not depend on the eval batch size or on the number of devices or
+processes that evaluate it (nor on the memory plan below).
+
+This is the one place ``jax.shard_map`` remains: the memory plan blocks the examples of each
+device (a ``lax.map`` over blocks of rows), which must run on that device's own rows; under
+``jit`` over the global batch XLA would scan over the sharded axis and serialise the devices.
+
 Memory. The IWAE estimate decodes ``K`` samples of every example; one decoder call holds the
 activations of all the samples it decodes. :func:`iwae_plan` sizes the calls from
-``config.eval.memory_mb`` (per device) and the decoder's bytes per sample, measured from its
-traced program: ``chunk`` samples of all local examples per call, or, when even one sample of
-every local example does not fit, blocks of examples one sample at a time. No choice of ``K``,
+``config.eval.memory_mb`` (per device) and the decoder's bytes per sample, which XLA reports
+for the compiled decoder (:func:`decoder_bytes_per_sample`): ``chunk`` samples of all local
+examples per call, or, when even one sample of every local example does not fit, blocks of
+examples one sample at a time (the ELBO's one sample per example too). No choice of ``K``,
 ``eval.iwae_chunk_size`` (an upper bound on ``chunk``) or eval batch size makes a call larger.
-The estimate does not depend on the plan: ``losses.iwae_log_likelihood`` draws sample ``k`` of
-every example from ``fold_in(key, k)`` whatever the chunking.
 """
 
 from __future__ import annotations
@@ -34,40 +42,25 @@ from jaxvae.mesh import DATA_AXIS, shard_batch
 SUM_KEYS = ("neg_elbo", "reconstruction", "kl", "nll_iwae", "count")
 
 
-def _intermediate_bytes(jaxpr: Any) -> int:
-    """Sum of the sizes of every value a jaxpr computes, sub-jaxprs included."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            aval = getattr(v, "aval", None)
-            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                total += math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns"):
-                    total += _intermediate_bytes(inner)
-    return total
-
-
 def decoder_bytes_per_sample(model: models.VAE, variables: Any, log_likelihood_fn) -> int:
     """Bytes one decoded sample adds to a decoder call (decode + log-likelihood, eval mode).
 
-    The sum of every intermediate of the traced program for 2 samples minus that for 1, so
-    per-call constants (rearranged kernels) cancel. An upper bound on the live memory (XLA
-    fuses and reuses buffers), which keeps a budget derived from it on the safe side.
-    ``variables`` may be abstract (``jax.ShapeDtypeStruct`` leaves).
+    XLA's own figure: the temporary buffers of the compiled program
+    (``compile().memory_analysis()``) for 64 samples minus those for 32, per sample, so
+    per-call constants cancel. ``variables`` may be abstract (``jax.ShapeDtypeStruct``
+    leaves). Compiles two small programs (JAX's compilation cache keeps them).
     """
 
-    def per_batch(n: int) -> int:
+    def temp_bytes(n: int) -> int:
         def fn(v, z, x):
             return log_likelihood_fn(x, model.apply(v, z, train=False, method="decode"))
 
         z = jax.ShapeDtypeStruct((n, model.latent_dim), jnp.float32)
         x = jax.ShapeDtypeStruct((n, *model.image_shape), jnp.float32)
-        return _intermediate_bytes(jax.make_jaxpr(fn)(variables, z, x).jaxpr)
+        return jax.jit(fn).lower(variables, z, x).compile().memory_analysis().temp_size_in_bytes
 
-    return max(1, per_batch(2) - per_batch(1))
+    small, large = 32, 64
+    return max(1, -(-(temp_bytes(large) - temp_bytes(small)) // (large - small)))
 
 
 def iwae_plan(
@@ -105,12 +98,13 @@ def make_iwae_planner(
 def make_eval_step(
     model: models.VAE, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]:
-    """``eval_step(variables, images [B,H,W,C], mask [B], key) -> sums`` (replicated scalars).
+    """``eval_step(variables, images [B,H,W,C], mask [B], key, offset) -> sums`` (replicated).
 
     ``sums`` holds the masked sums over the global batch of ``-ELBO``, ``E_q log p(x|z)``,
-    ``KL`` and ``-log p_IWAE(x)`` (K = ``config.eval.iwae_samples``), and ``count``. Each device
-    draws its noise from ``fold_in(key, device index)``. The IWAE decoder calls are sized by
-    :func:`iwae_plan` from ``config.eval.memory_mb``.
+    ``KL`` and ``-log p_IWAE(x)`` (K = ``config.eval.iwae_samples``), and ``count``. Row ``i``
+    is example ``offset + i`` of the split and draws its noise from ``fold_in(key, offset +
+    i)`` (module docstring). The IWAE decoder calls are sized by :func:`iwae_plan` from
+    ``config.eval.memory_mb``.
     """
     log_likelihood_fn = models.make_log_likelihood_fn(
         config.model.likelihood, config.model.obs_logvar
@@ -118,20 +112,24 @@ def make_eval_step(
     num_samples = config.eval.iwae_samples
     plan = make_iwae_planner(model, config)
 
-    def per_device(variables, images, mask, key):
+    def per_device(variables, images, mask, keys):
         chunk, rows = plan(images.shape[0])
-        key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
-        elbo_key, iwae_key = jax.random.split(key)
+        pairs = jax.vmap(jax.random.split)(keys)  # [b, 2]: ELBO and IWAE keys per example
         mean, logvar = model.apply(variables, images, train=False, method="encode")
 
         def decode_fn(z):
             return model.apply(variables, z, train=False, method="decode")
 
-        elbo, reconstruction, kl = losses.elbo(
-            elbo_key, decode_fn, images, mean, logvar, log_likelihood_fn
-        )
+        def elbo_terms(keys, x, m, lv):
+            return losses.elbo(keys, decode_fn, x, m, lv, log_likelihood_fn)
+
+        elbo_args = (pairs[:, 0], images, mean, logvar)
+        if rows is None:
+            elbo, reconstruction, kl = elbo_terms(*elbo_args)
+        else:  # one sample of every local example does not fit: `rows` examples per call
+            elbo, reconstruction, kl = lax.map(lambda a: elbo_terms(*a), elbo_args, batch_size=rows)
         log_px = losses.iwae_log_likelihood(
-            iwae_key,
+            pairs[:, 1],
             decode_fn,
             images,
             mean,
@@ -154,15 +152,16 @@ def make_eval_step(
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(
-            PartitionSpec(),
-            PartitionSpec(DATA_AXIS),
-            PartitionSpec(DATA_AXIS),
-            PartitionSpec(),
-        ),
+        in_specs=(PartitionSpec(), *(PartitionSpec(DATA_AXIS),) * 3),
         out_specs=PartitionSpec(),
     )
-    return jax.jit(sharded)
+
+    @jax.jit
+    def eval_step(variables, images, mask, key, offset):
+        keys = losses.example_keys(key, images.shape[0], offset=offset)
+        return sharded(variables, images, mask, keys)
+
+    return eval_step
 
 
 def abstract_variables(model: models.VAE) -> Any:
@@ -186,8 +185,8 @@ def evaluate(
 
     Returns ``neg_elbo``, ``reconstruction``, ``kl``, ``nll_iwae`` (nats per example),
     ``bits_per_dim`` (of the IWAE NLL, the tightest bound), ``bits_per_dim_elbo`` and
-    ``num_examples``. Batch ``i`` uses the key ``fold_in(key, i)``, so an evaluation is
-    deterministic given the key.
+    ``num_examples``. Example ``j`` of the split draws its noise from ``fold_in(key, j)``, so
+    an evaluation is deterministic given the key, whatever the batch size and device count.
 
     ``progress(examples_done, seconds)``, when given, is called after each batch with the
     number of real examples evaluated so far (by all processes); it waits for that batch's
@@ -199,7 +198,8 @@ def evaluate(
     for i, batch in enumerate(batches):
         images = shard_batch(np.asarray(batch["image"], np.float32), mesh)
         mask = shard_batch(np.asarray(batch["mask"], bool), mesh)
-        partial.append(eval_step(variables, images, mask, jax.random.fold_in(key, i)))
+        offset = np.int32(i * images.shape[0])  # index of the batch's first example
+        partial.append(eval_step(variables, images, mask, key, offset))
         if progress is not None:
             done += float(partial[-1]["count"])
             progress(int(round(done)), time.perf_counter() - t0)

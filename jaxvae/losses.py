@@ -28,6 +28,12 @@ Conventions
   *mean.shape))``, so :func:`reparameterize`, :func:`mc_reconstruction`,
   :func:`elbo` and :func:`iwae_bound` called with the same key and number of
   samples use the same latents ``z``.
+- One key per example: wherever a sampler takes ``key``, it also takes a key
+  array with the batch shape of ``mean`` (``jax.random.split(key, B)``). Example
+  ``i``'s noise is then drawn from ``key[i]`` alone (``normal(key[i],
+  (num_samples, D))``), so an example's result does not depend on the batch,
+  block or device it is computed in. :func:`example_keys` makes such keys;
+  jaxvae's training step and evaluation use them.
 
 The examples in the docstrings run as doctests (``python -m pytest -q``).
 """
@@ -99,14 +105,82 @@ def _check_num_samples(num_samples: int) -> None:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 
 
+def _typed_key(key: Array) -> Array:
+    """``key`` as a typed key array (legacy ``uint32[..., 2]`` keys are wrapped)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def _example_keys(key: Array, batch_shape: tuple[int, ...]) -> Array | None:
+    """``None`` for a single key; the typed keys ``[*batch_shape]`` for one key per example."""
+    key = _typed_key(key)
+    if key.shape == ():
+        return None
+    if key.shape != tuple(batch_shape):
+        raise ValueError(
+            "key must be a single key or one key per example (the batch shape of mean, "
+            f"{tuple(batch_shape)}), got a key array of shape {key.shape}."
+        )
+    return key
+
+
+def example_keys(key: Array, batch_shape: int | tuple[int, ...], *, offset: ArrayLike = 0) -> Array:
+    """One key per example: example ``j`` (flat index) gets ``fold_in(key, offset + j)``.
+
+    The keys every sampler here accepts in place of a single key. Numbering examples by
+    their place in a dataset (``offset`` = index of the batch's first example) makes each
+    example's noise independent of the batch size, the device count and the process count.
+
+    Args:
+      key: a ``jax.random`` key.
+      batch_shape: ``B`` or a shape ``(B1, B2, ...)``.
+      offset: index of the first example (may be traced).
+
+    Returns:
+      typed keys ``[*batch_shape]``.
+
+    Example:
+      >>> import jax
+      >>> from jaxvae import losses
+      >>> keys = losses.example_keys(jax.random.key(0), 4, offset=10)
+      >>> keys.shape
+      (4,)
+      >>> bool((jax.random.key_data(keys[1]) == jax.random.key_data(
+      ...     jax.random.fold_in(jax.random.key(0), 11))).all())
+      True
+    """
+    shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+    base = _typed_key(key)
+    index = jnp.asarray(offset) + jnp.arange(math.prod(shape))
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(index).reshape(shape)
+
+
+def _noise_dtype(mean: Array, logvar: Array) -> jnp.dtype:
+    """The dtype of the samples ``z`` (at least float32)."""
+    return jnp.result_type(mean.dtype, logvar.dtype, jnp.float32)
+
+
 def _noise(key: Array, shape: tuple[int, ...], mean: Array, logvar: Array) -> Array:
-    """Standard-normal ``eps`` of ``shape``, in the dtype the samples ``z`` will have.
+    """Standard-normal ``eps`` of ``shape = (*lead, *mean.shape)``, in the dtype of ``z``.
 
     The one place noise is drawn, so every sampler here uses the same ``eps`` for the
-    same key and shape.
+    same key and shape. A single key draws the whole array; one key per example
+    (``key.shape == mean.shape[:-1]``) draws example ``i``'s ``[*lead, D]`` from
+    ``key[i]`` alone.
     """
-    dtype = jnp.result_type(mean.dtype, logvar.dtype, jnp.float32)
-    return jax.random.normal(key, shape, dtype)
+    dtype = _noise_dtype(mean, logvar)
+    batch_shape = mean.shape[:-1]
+    keys = _example_keys(key, batch_shape)
+    if keys is None:
+        return jax.random.normal(key, shape, dtype)
+    lead = tuple(shape[: len(shape) - mean.ndim])
+    per_example = (*lead, mean.shape[-1])
+    eps = jax.vmap(lambda k: jax.random.normal(k, per_example, dtype))(keys.reshape(-1))
+    eps = eps.reshape(*batch_shape, *per_example)  # [*batch, *lead, D]
+    nb = len(batch_shape)
+    return jnp.moveaxis(eps, tuple(range(nb, nb + len(lead))), tuple(range(len(lead))))
 
 
 def reparameterize(
@@ -118,7 +192,7 @@ def reparameterize(
     so ``z`` is differentiable in ``mean`` and ``logvar``.
 
     Args:
-      key: a ``jax.random`` key.
+      key: a ``jax.random`` key, or one per example (``[...]``).
       mean: ``[..., D]``.
       logvar: ``[..., D]``, the log-variance.
       num_samples: if given, draw this many independent samples.
@@ -340,7 +414,7 @@ def mc_reconstruction(
     ``z: [N, B, D]``; ``z`` is ``reparameterize(key, mean, logvar, num_samples=N)``.
 
     Args:
-      key: ``jax.random`` key for the ``N`` noise draws.
+      key: ``jax.random`` key for the ``N`` noise draws, or one key per example ``[B]``.
       decode_fn: ``[..., D] -> [..., *event]``.
       x: ``[B, *event]`` data.
       mean, logvar: ``[B, D]`` parameters of ``q(z|x)``.
@@ -516,7 +590,7 @@ def iwae_bound(
     so that its chunking cannot change its result).
 
     Args:
-      key: ``jax.random`` key for the ``K`` noise draws.
+      key: ``jax.random`` key for the ``K`` noise draws, or one key per example ``[B]``.
       decode_fn: ``[..., D] -> [..., *event]``.
       x: ``[B, *event]`` data.
       mean, logvar: ``[B, D]`` parameters of ``q(z|x)``.
@@ -551,6 +625,11 @@ def iwae_bound(
     return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
 
 
+def _is_traced(*trees: object) -> bool:
+    """Whether any leaf is a tracer (we are inside ``jit``, ``vmap``, ``grad``, ...)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
 def iwae_log_likelihood(
     key: Array,
     decode_fn: DecodeFn,
@@ -572,18 +651,23 @@ def iwae_log_likelihood(
     Its expectation is a lower bound on ``log p(x)`` that equals the ELBO for
     ``K = 1`` and rises toward ``log p(x)`` as ``K`` grows.
 
-    Memory. The ``K`` samples are decoded ``chunk_size`` at a time in a ``lax.scan``
-    and, with ``batch_chunk_size``, the batch ``B`` (one axis) is split into blocks of
-    that many examples (a ``lax.map``), so one decoder call sees at most
-    ``chunk_size * batch_chunk_size`` samples, whatever ``K`` and ``B`` are.
+    Memory. The ``K`` samples are decoded ``chunk_size`` at a time and, with
+    ``batch_chunk_size``, the batch ``B`` (one axis) is split into blocks of that many
+    examples, so one decoder call sees at most ``chunk_size * batch_chunk_size``
+    samples, whatever ``K`` and ``B`` are. Under a transformation (``jit``, ``vmap``,
+    ``grad``) the chunks form a ``lax.scan`` and the blocks a ``lax.map``; called
+    eagerly, they are Python loops, so a call costs its arithmetic and traces or
+    compiles nothing of its own.
 
-    Noise. Sample ``k`` of every example is ``eps_k = normal(fold_in(key, k),
-    mean.shape)[example]``, so the estimate does not depend on ``chunk_size`` or
+    Noise. Sample ``k`` of example ``i`` is ``normal(fold_in(key_i, k), [D])``, where
+    ``key_i`` is ``key[i]`` for one key per example and ``example_keys(key, B)[i]``
+    for a single key. So the estimate does not depend on ``chunk_size`` or
     ``batch_chunk_size`` (they change only the order of floating-point sums): they are
-    memory and speed settings, never part of the result.
+    memory and speed settings, never part of the result; with one key per example it
+    does not depend on the batch an example is evaluated in either.
 
     Args:
-      key: ``jax.random`` key.
+      key: ``jax.random`` key, or one key per example ``[B]``.
       decode_fn, x, mean, logvar, log_likelihood_fn: as :func:`iwae_bound`.
       num_samples: ``K >= 1``.
       chunk_size: samples decoded per call; default
@@ -615,55 +699,62 @@ def iwae_log_likelihood(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     num_chunks = -(-num_samples // chunk)
     mean, logvar, x = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(x)
-    if batch_chunk_size is None:
-        rows = None
-    elif len(batch_shape) != 1:
-        raise ValueError(
-            f"batch_chunk_size needs a batch of one axis, got batch shape {batch_shape}."
-        )
-    elif batch_chunk_size < 1:
-        raise ValueError(f"batch_chunk_size must be >= 1, got {batch_chunk_size}.")
-    else:
-        rows = min(batch_shape[0], batch_chunk_size)
-    n = batch_shape[0] if rows is not None else None
-    num_blocks = 1 if rows is None else -(-n // rows)
-    pad = 0 if rows is None else num_blocks * rows - n
+    keys = _example_keys(key, batch_shape)
+    if keys is None:
+        keys = example_keys(key, batch_shape)
+    if batch_chunk_size is not None:
+        if len(batch_shape) != 1:
+            raise ValueError(
+                f"batch_chunk_size needs a batch of one axis, got batch shape {batch_shape}."
+            )
+        if batch_chunk_size < 1:
+            raise ValueError(f"batch_chunk_size must be >= 1, got {batch_chunk_size}.")
+    traced = _is_traced(keys, x, mean, logvar)
 
-    def noise(ks: Array) -> Array:
-        """``[len(ks), *mean.shape]`` (rows padded by ``pad``): sample k's noise for all rows."""
-        eps = jax.vmap(lambda k: _noise(jax.random.fold_in(key, k), mean.shape, mean, logvar))(ks)
-        return jnp.pad(eps, ((0, 0), (0, pad), (0, 0))) if pad else eps
+    def log_weights(kb: Array, xb: Array, mb: Array, lvb: Array, c: Array) -> Array:
+        """``[chunk, b]`` log weights of samples ``c * chunk + (0..chunk-1)`` of a block."""
+        ks = c * chunk + jnp.arange(chunk)
+        dtype, dim = _noise_dtype(mb, lvb), mb.shape[-1:]
+        draw = lambda k, key_i: jax.random.normal(jax.random.fold_in(key_i, k), dim, dtype)
+        eps = jax.vmap(lambda k: jax.vmap(lambda key_i: draw(k, key_i))(kb.reshape(-1)))(ks)
+        eps = eps.reshape(chunk, *mb.shape)
+        log_w = log_importance_weights(decode_fn, xb, mb, lvb, eps, log_likelihood_fn)
+        # The last chunk may run past K: those samples get zero weight.
+        valid = ks < num_samples
+        return jnp.where(valid.reshape((chunk,) + (1,) * (log_w.ndim - 1)), log_w, -jnp.inf)
 
-    def block(xb: Array, mb: Array, lvb: Array, start: Array) -> Array:
-        def log_weights(c: Array) -> Array:
-            ks = c * chunk + jnp.arange(chunk)
-            eps = noise(ks)
-            if rows is not None and num_blocks > 1:
-                eps = lax.dynamic_slice_in_dim(eps, start, rows, axis=1)
-            log_w = log_importance_weights(decode_fn, xb, mb, lvb, eps, log_likelihood_fn)
-            # The last chunk may run past K: those samples get zero weight.
-            valid = ks < num_samples
-            return jnp.where(valid.reshape((chunk,) + (1,) * (log_w.ndim - 1)), log_w, -jnp.inf)
-
-        def body(acc: Array, c: Array) -> tuple[Array, None]:
-            return jnp.logaddexp(acc, jax.nn.logsumexp(log_weights(c), axis=0)), None
-
-        # Start from the first chunk rather than a constant -inf so the carry has the same
-        # type as the loop's output also inside shard_map (where constants are not
-        # device-varying).
-        init = jax.nn.logsumexp(log_weights(jnp.asarray(0)), axis=0)
-        total, _ = lax.scan(body, init, jnp.arange(1, num_chunks))
+    def block(kb: Array, xb: Array, mb: Array, lvb: Array) -> Array:
+        """``[b]`` estimate for one block of examples."""
+        partial = lambda c: jax.nn.logsumexp(log_weights(kb, xb, mb, lvb, c), axis=0)
+        # The first chunk starts the running sum (not a constant -inf), so the carry has
+        # the type of the loop's output also inside shard_map.
+        total = partial(jnp.asarray(0))
+        if traced:
+            body = lambda acc, c: (jnp.logaddexp(acc, partial(c)), None)
+            total, _ = lax.scan(body, total, jnp.arange(1, num_chunks))
+        else:
+            for c in range(1, num_chunks):
+                total = jnp.logaddexp(total, partial(jnp.asarray(c)))
         return total - math.log(num_samples)
 
-    if rows is None or num_blocks == 1:
-        return block(x, mean, logvar, jnp.asarray(0))
+    n = batch_shape[0] if batch_shape else 1
+    rows = n if batch_chunk_size is None else min(n, batch_chunk_size)
+    if rows >= n:
+        return block(keys, x, mean, logvar)
+    # Blocks of `rows` examples; the batch is padded to whole blocks (padding is dropped).
+    num_blocks = -(-n // rows)
+    pad = num_blocks * rows - n
 
     def split(a: Array) -> Array:
-        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
         return a.reshape(num_blocks, rows, *a.shape[1:])
 
-    starts = jnp.arange(num_blocks) * rows
-    out = lax.map(lambda a: block(*a), (split(x), split(mean), split(logvar), starts))
+    blocks = tuple(split(a) for a in (keys, x, mean, logvar))
+    if traced:
+        out = lax.map(lambda b: block(*b), blocks)
+    else:
+        out = jnp.stack([block(*(a[i] for a in blocks)) for i in range(num_blocks)])
     return out.reshape(-1)[:n]
 
 
@@ -753,6 +844,7 @@ __all__ = [
     "bernoulli_log_likelihood",
     "bits_per_dim",
     "elbo",
+    "example_keys",
     "gaussian_kl",
     "gaussian_log_density",
     "gaussian_log_likelihood",

@@ -32,9 +32,9 @@ Initialisation is PyTorch's default (``torch_default_init``: weights and biases
 ``U(+-1/sqrt(fan_in))``; BatchNorm scale 1, bias 0), so a model trained from scratch starts from
 the seed's distribution.
 
-BatchNorm uses PyTorch's settings (momentum 0.1 == Flax momentum 0.9, epsilon 1e-5) and reduces
-its batch statistics over ``axis_name`` when set, so a data-parallel step over a mapped axis sees
-global-batch statistics.
+BatchNorm uses PyTorch's settings (momentum 0.1 == Flax momentum 0.9, epsilon 1e-5). Its batch
+statistics are those of the array it is given: under ``jax.jit`` over a batch sharded across
+devices (``jaxvae.train_step``), that is the global batch.
 
 Parameter tree (stable; ``jaxvae.convert`` and checkpoints rely on it)::
 
@@ -104,18 +104,17 @@ def bottleneck_shape(image_hw: Sequence[int], num_levels: int) -> tuple[int, int
     return h, w
 
 
-def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
-        axis_name=axis_name if train else None,
         # Two-pass variance: closer to PyTorch (and to float64) than E[x^2] - E[x]^2.
         use_fast_variance=False,
         # Mixed precision: the input and output are in the compute dtype, but the batch mean
-        # and variance are reduced in float32 (also over the mesh axis), the normalisation is
-        # computed in float32 and rounded once, and scale, bias and the running statistics are
-        # float32 (flax's default, made explicit).
+        # and variance are reduced in float32, the normalisation is computed in float32 and
+        # rounded once, and scale, bias and the running statistics are float32 (flax's
+        # default, made explicit).
         dtype=dtype,
         param_dtype=jnp.float32,
         force_float32_reductions=True,
@@ -128,7 +127,6 @@ class ConvEncoder(nn.Module):
 
     latent_dim: int
     hidden_dims: Sequence[int]
-    axis_name: str | None = None
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
@@ -140,7 +138,7 @@ class ConvEncoder(nn.Module):
             h = layers.Conv3x3Stride2(
                 features, kernel_init=init, bias_init=init, impl=self.conv_impl, name=f"conv_{i}"
             )(h)
-            h = _batch_norm(train, self.axis_name, self.dtype, f"bn_{i}")(h)
+            h = _batch_norm(train, self.dtype, f"bn_{i}")(h)
             h = nn.leaky_relu(h, negative_slope=0.01)
         h = h.reshape(h.shape[0], -1)  # (h, w, c) order; see the module docstring.
         init = torch_default_init(h.shape[-1])
@@ -156,7 +154,6 @@ class ConvDecoder(nn.Module):
     hidden_dims: Sequence[int]
     image_shape: tuple[int, int, int]
     output_activation: str = "tanh"
-    axis_name: str | None = None
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
@@ -184,7 +181,7 @@ class ConvDecoder(nn.Module):
                 impl=self.conv_impl,
                 name=f"conv_transpose_{i}",
             )(h)
-            h = _batch_norm(train, self.axis_name, self.dtype, f"bn_{i}")(h)
+            h = _batch_norm(train, self.dtype, f"bn_{i}")(h)
             h = nn.leaky_relu(h, negative_slope=0.01)
         init = torch_default_init(dims[0] * 9)
         h = layers.ConvTranspose3x3Stride2(
@@ -198,7 +195,7 @@ class ConvDecoder(nn.Module):
         # final BatchNorm then sees the image's pixels only, and the 3x3 stride-1 conv zero-pads
         # at the true image border, as PyTorch does for a divisible image.
         h = h[:, :height, :width, :]
-        h = _batch_norm(train, self.axis_name, self.dtype, "final_bn")(h)
+        h = _batch_norm(train, self.dtype, "final_bn")(h)
         h = nn.leaky_relu(h, negative_slope=0.01)
         init = torch_default_init(h.shape[-1] * 9)
         h = layers.Conv3x3(
@@ -259,7 +256,6 @@ class VAE(nn.Module):
       likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (decoder outputs
         the mean).
       output_activation: ``"tanh"`` (the seed) or ``"none"``; only used for ``"gaussian"``.
-      axis_name: mapped axis over which BatchNorm reduces batch statistics in training.
       conv_impl: implementation of the strided convs, passed to ``jaxvae.layers``.
       dtype: compute dtype of the convolutions, matmuls and activations (``float32`` or
         ``bfloat16``). Parameters and BatchNorm statistics are float32 whatever it is, so one
@@ -278,7 +274,6 @@ class VAE(nn.Module):
     image_shape: tuple[int, int, int] = (64, 64, 3)
     likelihood: str = "gaussian"
     output_activation: str = "tanh"
-    axis_name: str | None = None
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     decoder_type: str = "conv"
@@ -308,7 +303,6 @@ class VAE(nn.Module):
         self.encoder = ConvEncoder(
             latent_dim=self.latent_dim,
             hidden_dims=tuple(self.hidden_dims),
-            axis_name=self.axis_name,
             conv_impl=self.conv_impl,
             dtype=self.dtype,
         )
@@ -327,7 +321,6 @@ class VAE(nn.Module):
                 hidden_dims=dims,
                 image_shape=tuple(self.image_shape),
                 output_activation=activation,
-                axis_name=self.axis_name,
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,
             )
@@ -350,9 +343,15 @@ class VAE(nn.Module):
             raise ValueError(
                 f"latents must have shape [..., {self.latent_dim}] (latent_dim), got {z.shape}"
             )
-        lead = z.shape[:-1]
-        out = self.decoder(z.reshape(-1, self.latent_dim), train=train)
-        return out.reshape(*lead, *out.shape[1:])
+        # The leading axes are flattened last-axis-major: by the losses' convention the batch
+        # is the last of them (z: [K, B, D]), so a batch sharded across devices stays the
+        # major axis of the flat batch and the reshapes move no data between devices (flat in
+        # (K, B) order, XLA would gather the decoder's inputs and outputs on every device).
+        n = z.ndim - 1
+        flip = lambda a, k: jnp.transpose(a, (*reversed(range(n)), *range(n, n + k)))  # noqa: E731
+        out = self.decoder(flip(z, 1).reshape(-1, self.latent_dim), train=train)
+        out = out.reshape(*reversed(z.shape[:-1]), *out.shape[1:])
+        return flip(out, out.ndim - n)
 
     def __call__(
         self, x: jax.Array, key: jax.Array, train: bool = False

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from jaxvae import (
     checkpointing,
+    compilation_cache,
     config_utils,
     distributed,
     evaluate,
@@ -45,7 +46,7 @@ from jaxvae import (
     reporting,
 )
 from jaxvae import train_state as ts
-from jaxvae.mesh import DATA_AXIS, make_mesh, replicated_sharding, shard_batch
+from jaxvae.mesh import make_mesh, replicated_sharding, shard_batch
 from jaxvae.train_step import make_train_step
 
 # Offset folded into the seed for evaluation noise: evaluation never consumes training noise,
@@ -73,8 +74,7 @@ def _without_compute_only(config: dict[str, Any]) -> dict[str, Any]:
 class _Programs:
     """The model and the jitted functions of a config (compiled lazily, on first call)."""
 
-    model: Any  # training model (BatchNorm over "data")
-    eval_model: Any  # same parameters, no mapped axis (pictures)
+    model: Any
     schedule: Any
     init_fn: Any  # () -> TrainState (not jitted; see init)
     init: Any  # jitted init_fn, output replicated
@@ -91,8 +91,7 @@ def _build_programs(
     mesh: Mesh,
 ) -> _Programs:
     """The model, optimizer and jitted step functions of ``config`` (compiled on first call)."""
-    model = ts.build_model(config, image_shape, DATA_AXIS)
-    eval_model = ts.build_model(config, image_shape, None)
+    model = ts.build_model(config, image_shape)
     tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
 
     def init_fn():
@@ -100,14 +99,13 @@ def _build_programs(
 
     return _Programs(
         model=model,
-        eval_model=eval_model,
         schedule=schedule,
         init_fn=init_fn,
         init=jax.jit(init_fn, out_shardings=replicated_sharding(mesh)),
-        train_step=make_train_step(model, tx, config, mesh, config.batch_size),
+        train_step=make_train_step(model, tx, config, mesh),
         eval_step=evaluate.make_eval_step(model, config, mesh),
         pictures=evaluate.make_picture_fn(
-            eval_model, config.eval.num_image_grid**2, config.eval.interpolation_steps
+            model, config.eval.num_image_grid**2, config.eval.interpolation_steps
         ),
     )
 
@@ -125,7 +123,8 @@ class _Setup:
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training: bool) -> _Setup:
-    """Validates everything and builds the pieces; writes nothing."""
+    """Validates everything and builds the pieces; writes nothing (in the workdir)."""
+    compilation_cache.enable()  # before anything compiles: a second start loads its programs
     workdir = Path(workdir)
     mesh = make_mesh()
     config_utils.validate(config, mesh.size)
@@ -268,7 +267,7 @@ def _save_images(
     cfg = s.config.eval
     n = cfg.num_image_grid
     pixel_range = "unit" if s.config.model.likelihood == "bernoulli" else s.config.data.pixel_range
-    # Pictures run on one device with the replicated variables: no mapped axis needed.
+    # Pictures run on one device with the replicated variables.
     variables = jax.device_get(state.variables)
     x = _first_eval_images(s, 4 * n)
     key = jax.random.fold_in(_eval_key(s.config), step)
@@ -571,8 +570,8 @@ def load_trained(
 ) -> tuple[Any, dict[str, Any], int]:
     """The trained model of a workdir, to use in your own code: ``(model, variables, step)``.
 
-    ``model`` is the run's :class:`jaxvae.models.VAE` (a Flax module, BatchNorm without a mapped
-    axis), ``variables`` the ``{"params", "batch_stats"}`` of the workdir's ``latest`` or
+    ``model`` is the run's :class:`jaxvae.models.VAE` (a Flax module), ``variables`` the
+    ``{"params", "batch_stats"}`` of the workdir's ``latest`` or
     ``best`` checkpoint as NumPy arrays on the host, and ``step`` that checkpoint's step. The
     config must describe the workdir's model (its ``config.json``; another model is refused with
     :class:`WorkdirMismatchError`). Nothing in the workdir is changed. For example::
@@ -589,7 +588,7 @@ def load_trained(
         variables = jax.device_get(state.variables)
     finally:
         checkpointing.close(s.manager)
-    return s.programs.eval_model, variables, int(step)
+    return s.programs.model, variables, int(step)
 
 
 def sample_workdir(

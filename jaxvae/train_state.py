@@ -34,10 +34,8 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def build_model(
-    config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], axis_name: str | None
-) -> models.VAE:
-    """The VAE of ``config.model`` for images ``(H, W, C)``; ``axis_name`` for BatchNorm."""
+def build_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> models.VAE:
+    """The VAE of ``config.model`` for images ``(H, W, C)``."""
     m = config.model
     return models.VAE(
         latent_dim=m.latent_dim,
@@ -45,7 +43,6 @@ def build_model(
         image_shape=tuple(image_shape),
         likelihood=m.likelihood,
         output_activation=m.output_activation,
-        axis_name=axis_name,
         conv_impl=m.conv_impl,
         dtype=jnp.dtype(m.dtype),
         decoder_type=m.decoder_type,
@@ -58,7 +55,7 @@ def init_train_state(model: models.VAE, tx: optax.GradientTransformation, seed: 
     """Fresh state from ``seed``: ``PRNGKey(seed)`` splits into the init key and the noise key."""
     init_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
     dummy = jnp.zeros((1, *model.image_shape), jnp.float32)
-    # train=False: initialisation must not reduce BatchNorm statistics over a mesh axis.
+    # train=False: initialisation leaves the BatchNorm statistics at their initial values.
     variables = model.init({"params": init_key}, dummy, jax.random.PRNGKey(0), train=False)
     params = variables["params"]
     return TrainState(

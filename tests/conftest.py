@@ -29,6 +29,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 _xla_cache = tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-")
 atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _xla_cache)
+# ... which is also the cache of the train.py processes the tests start (jaxvae.compilation_cache):
+# tests never write to the user's own cache folder.
+os.environ["JAXVAE_COMPILATION_CACHE"] = _xla_cache
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -336,6 +336,23 @@ def test_iwae_bound_tightens_with_k_for_a_perturbed_posterior():
     assert gaps[-1] > -0.01, gaps
 
 
+def _iwae_noise(key, k, shape):
+    """``[k, B, D]``: the documented noise of iwae_log_likelihood, sample j of example i from
+    ``fold_in(fold_in(key, i), j)``, drawn one value vector at a time."""
+    keys = [jax.random.fold_in(key, i) for i in range(shape[0])]
+    return jnp.stack(
+        [
+            jnp.stack(
+                [
+                    jax.random.normal(jax.random.fold_in(keys[i], j), shape[1:])
+                    for i in range(shape[0])
+                ]
+            )
+            for j in range(k)
+        ]
+    )
+
+
 def test_iwae_chunking_handles_remainders_and_large_k():
     model = LinearGaussian()
     x = model.sample_x(2)
@@ -345,8 +362,8 @@ def test_iwae_chunking_handles_remainders_and_large_k():
     # One chunk equals a single logsumexp over all K weights computed by hand.
     key, k = jax.random.key(7), 37
     got = losses.iwae_log_likelihood(key, *args, num_samples=k, chunk_size=k)
-    # Sample j of every example comes from fold_in(key, j).
-    eps = np.stack([jax.random.normal(jax.random.fold_in(key, j), (2, 3)) for j in range(k)])
+    # Sample j of example i comes from fold_in(fold_in(key, i), j).
+    eps = np.asarray(_iwae_noise(key, k, (2, 3)))
     z = m + np.exp(0.5 * lv) * np.asarray(eps, np.float64)
     log_w = (
         stats.norm(z @ model.W.T + model.b, math.sqrt(model.s2)).logpdf(x).sum(-1)
@@ -505,9 +522,7 @@ def test_iwae_bound_at_one_chunk_is_iwae_log_likelihood_with_its_noise():
     x32, m32, lv32 = f32(x, m + 0.3, lv + 0.3)
     key = jax.random.key(17)
     for k in (1, 12):
-        eps = jnp.stack(
-            [jax.random.normal(jax.random.fold_in(key, j), m32.shape) for j in range(k)]
-        )
+        eps = _iwae_noise(key, k, m32.shape)
         log_w = losses.log_importance_weights(dec, x32, m32, lv32, eps, ll)
         by_hand = jax.nn.logsumexp(log_w, axis=0) - np.log(k)
         chunked = losses.iwae_log_likelihood(
@@ -703,9 +718,9 @@ def test_mismatched_shapes_raise_at_trace_time():
         )
 
 
-def test_iwae_inside_shard_map_matches_per_shard_calls():
-    # The data-parallel evaluation runs the IWAE scan inside shard_map (check_vma on):
-    # each device's result must equal the plain call on its shard with its key.
+def test_iwae_with_one_key_per_example_does_not_depend_on_the_device_or_batch():
+    # One key per example: an example's estimate is the same inside shard_map on its device's
+    # rows, in the whole batch, alone, and in blocks (the evaluation relies on this).
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
@@ -715,31 +730,26 @@ def test_iwae_inside_shard_map_matches_per_shard_calls():
     m, lv = (a + 0.2 for a in model.posterior(x))
     x, m, lv = f32(x, m, lv)
     dec, ll = model.decode_fn(), model.log_likelihood_fn()
+    keys = losses.example_keys(jax.random.key(3), 2 * n_dev)
 
-    def per_device(key, x, m, lv):
-        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
-        return losses.iwae_log_likelihood(key, dec, x, m, lv, ll, num_samples=10, chunk_size=4)
+    def estimate(keys, x, m, lv, **kw):
+        return losses.iwae_log_likelihood(keys, dec, x, m, lv, ll, num_samples=10, **kw)
 
     mesh = Mesh(jax.devices(), ("data",))
     sharded = jax.jit(
         jax.shard_map(
-            per_device,
+            lambda *a: estimate(*a, chunk_size=4),
             mesh=mesh,
-            in_specs=(P(), P("data"), P("data"), P("data")),
+            in_specs=(P("data"),) * 4,
             out_specs=P("data"),
         )
-    )(jax.random.key(3), x, m, lv)
-    expected = [
-        losses.iwae_log_likelihood(
-            jax.random.fold_in(jax.random.key(3), i),
-            dec,
-            x[2 * i : 2 * i + 2],
-            m[2 * i : 2 * i + 2],
-            lv[2 * i : 2 * i + 2],
-            ll,
-            num_samples=10,
-            chunk_size=4,
-        )
-        for i in range(n_dev)
-    ]
-    np.testing.assert_allclose(sharded, np.concatenate(expected), rtol=1e-5)
+    )(keys, x, m, lv)
+    whole = jax.jit(lambda *a: estimate(*a, chunk_size=3, batch_chunk_size=5))(keys, x, m, lv)
+    alone = [estimate(keys[i : i + 1], x[i : i + 1], m[i : i + 1], lv[i : i + 1]) for i in (0, 7)]
+    np.testing.assert_allclose(sharded, whole, rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(alone), whole[np.array([0, 7])], rtol=1e-5)
+    # A single key stands for example_keys(key, B).
+    single = estimate(jax.random.key(3), x, m, lv)
+    np.testing.assert_allclose(single, whole, rtol=1e-5)
+    with pytest.raises(ValueError, match="one key per example"):
+        estimate(keys[:3], x, m, lv)

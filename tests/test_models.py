@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
@@ -410,7 +409,7 @@ def test_batchnorm_in_bfloat16_reduces_its_statistics_in_float32():
     rng = np.random.default_rng(16)
     # Mean far from 0 and 4096 values per channel: a bfloat16 sum would be far off.
     h = jnp.asarray(3.0 + rng.normal(size=(16, 16, 16, 4)), jnp.bfloat16)
-    bn = models._batch_norm(train=True, axis_name=None, dtype=jnp.bfloat16, name="bn")
+    bn = models._batch_norm(train=True, dtype=jnp.bfloat16, name="bn")
     variables = bn.init(jax.random.key(0), h)
     y, upd = jax.jit(lambda v, h: bn.apply(v, h, mutable=["batch_stats"]))(variables, h)
     assert y.dtype == jnp.bfloat16
@@ -432,7 +431,7 @@ def test_batchnorm_in_bfloat16_reduces_its_statistics_in_float32():
 
 
 def _local_loss(model, params, batch_stats, x, eps):
-    """Mean over the (local) batch of a VAE negative ELBO with fixed noise ``eps``; BatchNorm in
+    """Mean over the batch of a VAE negative ELBO with fixed noise ``eps``; BatchNorm in
     train mode. Returns (loss, new batch_stats)."""
 
     def forward(m, x, eps):
@@ -451,22 +450,16 @@ def _local_loss(model, params, batch_stats, x, eps):
     return jnp.mean(nll + losses.gaussian_kl(mean, logvar)), updates["batch_stats"]
 
 
-def test_batchnorm_over_8_devices_equals_one_device_on_the_global_batch():
-    """Data-parallel step under shard_map: local batches of 2 on 8 devices, BatchNorm statistics
-    reduced over axis "data".
-
-    Gradient derivation: with equal local batches, the global mean loss is
-    L = (1/8) sum_d L_d = pmean_d(L_d). Differentiating pmean(L_d) inside shard_map gives dL/dθ
-    for the replicated θ directly: with check_vma=True the transpose of the implicit
-    replicated->varying cast of θ is a psum over devices, and pmean's transpose divides by 8.
-    So no further pmean of the gradients: doing one would be harmless here (they are
-    already equal), but differentiating the *local* loss L_d instead gives
-    sum_d dL_d/dθ = 8 dL/dθ, which is checked too."""
+def test_batchnorm_under_jit_over_8_devices_uses_the_global_batch():
+    """``jax.jit`` over a batch sharded on 8 devices (how jaxvae.train_step runs): loss,
+    gradients and BatchNorm running statistics equal those of the same batch on one device,
+    so BatchNorm normalises with the global batch's statistics without any ``axis_name``.
+    Negative control: per-device statistics (each device's 2 examples normalised alone,
+    emulated with vmap over the 8 shards) give visibly different gradients and statistics."""
     n_dev = 8
     assert jax.device_count() >= n_dev
     mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
     model = small_model(image_shape=(8, 8, 1), conv_impl="auto")
-    sharded_model = model.clone(axis_name="data")
     v = init(model)
     # Non-trivial running statistics, so their update is checked too.
     v = {
@@ -477,27 +470,14 @@ def test_batchnorm_over_8_devices_equals_one_device_on_the_global_batch():
     x = x * jnp.arange(1, 2 * n_dev + 1).reshape(-1, 1, 1, 1) / n_dev  # uneven per-device stats
     eps = jax.random.normal(jax.random.key(21), (2 * n_dev, 3))
 
-    def single(params, bs):
+    def step(params, bs, x, eps):
         return jax.value_and_grad(lambda p: _local_loss(model, p, bs, x, eps), has_aux=True)(params)
 
-    (loss1, stats1), grads1 = jax.jit(single)(v["params"], v["batch_stats"])
-
-    def per_device(params, bs, x, eps):
-        def f(p, global_loss):
-            loss, new_bs = _local_loss(sharded_model, p, bs, x, eps)
-            return (lax.pmean(loss, "data") if global_loss else loss), new_bs
-
-        (loss, new_bs), grads = jax.value_and_grad(f, has_aux=True)(params, True)
-        grads_of_local_loss = jax.grad(lambda p: f(p, False)[0])(params)
-        return loss, grads, grads_of_local_loss, new_bs
-
-    step = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(), P("data"), P("data")),
-        out_specs=(P(), P(), P(), P()),
-    )
-    loss8, grads8, grads_local, stats8 = jax.jit(step)(v["params"], v["batch_stats"], x, eps)
+    (loss1, stats1), grads1 = jax.jit(step)(v["params"], v["batch_stats"], x, eps)
+    rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    sharded = jax.jit(step, in_shardings=(whole, whole, rows, rows), out_shardings=whole)
+    (loss8, stats8), grads8 = sharded(v["params"], v["batch_stats"], x, eps)
+    assert len(x.sharding.device_set) == 1  # the reference really ran on one device
 
     # Gradients agree to 1e-5 relative to the largest gradient (the conv biases feeding a
     # BatchNorm have exactly-zero true gradients, so their float error has no scale of its own).
@@ -508,28 +488,12 @@ def test_batchnorm_over_8_devices_equals_one_device_on_the_global_batch():
     for a, b in zip(jax.tree.leaves(stats8), jax.tree.leaves(stats1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
-    # The pitfall: the local loss' gradient is already summed over devices.
-    for a, b in zip(jax.tree.leaves(grads_local), jax.tree.leaves(grads1), strict=True):
-        np.testing.assert_allclose(a, n_dev * b, rtol=1e-5, atol=1e-5 * n_dev * scale)
-
-    # Negative control: without axis_name each device normalises with its own statistics, and
-    # the gradients and running statistics are visibly different.
-    def unsynced_step(p, bs, x, e):
-        def f(p):
-            loss, new_bs = _local_loss(model, p, bs, x, e)
-            return lax.pmean(loss, "data"), new_bs
-
-        (_, new_bs), grads = jax.value_and_grad(f, has_aux=True)(p)
-        return grads, jax.tree.map(lambda a: lax.pmean(a, "data"), new_bs)
-
-    grads_u, stats_u = jax.jit(
-        jax.shard_map(
-            unsynced_step,
-            mesh=mesh,
-            in_specs=(P(), P(), P("data"), P("data")),
-            out_specs=(P(), P()),
-        )
-    )(v["params"], v["batch_stats"], x, eps)
+    # Negative control: each shard of 2 examples normalised with its own statistics.
+    shards = lambda a: a.reshape(n_dev, 2, *a.shape[1:])  # noqa: E731
+    per_shard = jax.vmap(step, in_axes=(None, None, 0, 0))(
+        v["params"], v["batch_stats"], shards(x), shards(eps)
+    )
+    (_, stats_u), grads_u = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_shard)
     grad_gap = max(
         float(jnp.abs(a - b).max())
         for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads1), strict=True)
