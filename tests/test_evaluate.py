@@ -98,3 +98,37 @@ def test_evaluate_reports_progress_after_every_batch():
     )
     assert [n for n, _ in calls] == [16, 21] and out["num_examples"] == 21
     assert calls[0][1] <= calls[1][1]
+
+
+def test_metrics_do_not_depend_on_devices_batch_size_or_memory_plan():
+    """One checkpoint, 21 examples, evaluated on 1 device in batches of 7, on 8 devices in
+    batches of 16 and of 24 (padding masked), with a roomy and a tight memory plan: the same
+    test metrics (each example draws its noise from its index in the split). Another key
+    gives other metrics, so the comparison has teeth."""
+    config = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
+    config.eval.iwae_samples = 20
+    model = ts.build_model(config, (28, 28, 1))
+    variables = jax.jit(lambda: ts.init_train_state(model, optax.sgd(0.1), 0))().variables
+    images = (np.random.default_rng(3).random((21, 28, 28, 1)) < 0.3).astype(np.float32)
+
+    def batches(size):
+        for start in range(0, len(images), size):
+            rows = images[start : start + size]
+            out = np.zeros((size, *images.shape[1:]), np.float32)
+            out[: len(rows)] = rows
+            yield {"image": out, "mask": np.arange(size) < len(rows)}
+
+    def run(devices, size, memory_mb, key=0):
+        config.eval.memory_mb = memory_mb
+        mesh = make_mesh(devices)
+        step = evaluate.make_eval_step(model, config, mesh)
+        return evaluate.evaluate(step, variables, batches(size), mesh, jax.random.key(key), 784)
+
+    one, eight = jax.devices()[:1], jax.devices()
+    want = run(one, 7, 512.0)
+    for got in (run(eight, 16, 512.0), run(eight, 24, 512.0), run(one, 7, 0.01)):
+        assert got["num_examples"] == 21
+        for k in ("neg_elbo", "reconstruction", "kl", "nll_iwae"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    other = run(one, 7, 512.0, key=1)
+    assert abs(other["nll_iwae"] - want["nll_iwae"]) > 1e-3
