@@ -505,7 +505,6 @@ def _log_weight_terms(
     logvar: Array,
     eps: Array,
     log_likelihood_fn: LogLikelihoodFn,
-    *,
     prior_log_density: PriorLogDensity | None,
     gradient_estimator: str,
 ) -> tuple[Array, Array, Array]:
@@ -635,8 +634,8 @@ def elbo(
             logvar,
             eps,
             log_likelihood_fn,
-            prior_log_density=prior_log_density,
-            gradient_estimator=gradient_estimator,
+            prior_log_density,
+            gradient_estimator,
         )
         reconstruction = jnp.mean(log_px_z, axis=0)
         kl = jnp.mean(log_qz - log_pz, axis=0)
@@ -719,14 +718,7 @@ def log_importance_weights(
       True
     """
     log_px_z, log_pz, log_qz = _log_weight_terms(
-        decode_fn,
-        x,
-        mean,
-        logvar,
-        eps,
-        log_likelihood_fn,
-        prior_log_density=prior_log_density,
-        gradient_estimator=gradient_estimator,
+        decode_fn, x, mean, logvar, eps, log_likelihood_fn, prior_log_density, gradient_estimator
     )
     return log_px_z + log_pz - log_qz
 

@@ -76,15 +76,15 @@ class Objectives:
         self.x = jnp.asarray(model.sample_x(batch), dtype)
         self.ll = _log_likelihood(model)
 
-    def iwae(self, p, key, *, num_samples, estimator="standard"):
+    def args(self, p):
+        """``(decode_fn, x, mean, logvar, log_likelihood_fn)`` of the parameters."""
         mean, logvar = _encode(p, self.x)
+        return _decode(p), self.x, mean, logvar, self.ll
+
+    def iwae(self, p, key, *, num_samples, estimator="standard"):
         bound = losses.iwae_bound(
             key,
-            _decode(p),
-            self.x,
-            mean,
-            logvar,
-            self.ll,
+            *self.args(p),
             num_samples=num_samples,
             gradient_estimator=estimator,
             prior_log_density=_prior(p),
@@ -93,24 +93,16 @@ class Objectives:
 
     def iwae_stl(self, p, key, *, num_samples):
         """A known-biased control: the IWAE bound of the path-derivative (STL) log weights."""
-        mean, logvar = _encode(p, self.x)
+        decode, x, mean, logvar, ll = self.args(p)
         eps = jax.random.normal(key, (num_samples, *mean.shape), mean.dtype)
         log_w = losses.log_importance_weights(
-            _decode(p), self.x, mean, logvar, eps, self.ll, gradient_estimator="stl"
+            decode, x, mean, logvar, eps, ll, gradient_estimator="stl"
         )
         return jnp.mean(jax.nn.logsumexp(log_w, axis=0))
 
     def elbo(self, p, key, *, estimator="standard", prior_log_density=None):
-        mean, logvar = _encode(p, self.x)
         value, _, _ = losses.elbo(
-            key,
-            _decode(p),
-            self.x,
-            mean,
-            logvar,
-            self.ll,
-            gradient_estimator=estimator,
-            prior_log_density=prior_log_density,
+            key, *self.args(p), gradient_estimator=estimator, prior_log_density=prior_log_density
         )
         return jnp.mean(value)
 
@@ -367,9 +359,8 @@ def test_monte_carlo_kl_has_the_analytic_kl_as_its_expectation():
     model = LinearGaussian()
     with _enable_x64(True):
         p = _params(model, 1.0)
-        obj = Objectives(model)
-        mean, logvar = _encode(p, obj.x)
-        args = (_decode(p), obj.x, mean, logvar, obj.ll)
+        args = Objectives(model).args(p)
+        mean, logvar = args[2:4]
 
         def both(key):
             mc = losses.elbo(key, *args, prior_log_density=losses.gaussian_log_density)
@@ -528,9 +519,8 @@ def test_dreg_log_weights_inside_shard_map_match_the_unsharded_gradient():
 
 def test_errors():
     model = LinearGaussian()
-    p, obj = _params(model, 1.0, dtype=jnp.float32), Objectives(model, 2, jnp.float32)
-    mean, logvar = _encode(p, obj.x)
-    args = (jax.random.key(0), _decode(p), obj.x, mean, logvar, obj.ll)
+    p = _params(model, 1.0, dtype=jnp.float32)
+    args = (jax.random.key(0), *Objectives(model, 2, jnp.float32).args(p))
     with pytest.raises(ValueError, match="gradient_estimator must be one of.*'stl'"):
         losses.iwae_bound(*args, num_samples=2, gradient_estimator="stl")
     with pytest.raises(ValueError, match="gradient_estimator must be one of.*'dreg'"):
