@@ -11,10 +11,12 @@ Conventions
 - Calling convention: the key, the functions and the data (``x``, ``mean``,
   ``logvar``, explicit noise ``eps``, ...) are positional; every option after
   them is keyword-only (``num_samples=``, ``beta=``, ``chunk_size=``,
-  ``event_ndim=``, ``prior_mean=``, ``kld_weight=``, ``num_dims=``). The
+  ``event_ndim=``, ``prior_mean=``, ``kld_weight=``, ``num_dims=``,
+  ``gradient_estimator=``, ``prior_log_density=``, ``log_weights=``). The
   parameters of the distribution being evaluated (``mean`` and ``logvar`` of
-  :func:`gaussian_log_likelihood` and :func:`gaussian_log_density`) count as
-  data and stay positional.
+  :func:`gaussian_log_likelihood` and :func:`gaussian_log_density`, ``means``
+  and ``logvars`` of :func:`mixture_gaussian_log_density`) count as data and
+  stay positional.
 - A diagonal Gaussian is given by ``mean`` and ``logvar = log sigma^2``, both
   ``[..., D]``.
 - ``decode_fn(z)`` maps latents ``[..., D]`` (any number of leading axes) to
@@ -29,11 +31,22 @@ Conventions
   :func:`elbo` and :func:`iwae_bound` called with the same key and number of
   samples use the same latents ``z``.
 - One key per example: wherever a sampler takes ``key``, it also takes a key
-  array with the batch shape of ``mean`` (``jax.random.split(key, B)``). Example
+  array with the batch shape of ``mean`` (:func:`example_keys`). Example
   ``i``'s noise is then drawn from ``key[i]`` alone (``normal(key[i],
   (num_samples, D))``), so an example's result does not depend on the batch,
-  block or device it is computed in. :func:`example_keys` makes such keys;
-  jaxvae's training step and evaluation use them.
+  block or device it is computed in. jaxvae's training step and evaluation use
+  such keys.
+- Priors: ``prior_log_density(z)`` maps ``[..., D]`` to ``log p(z)``, ``[...]``;
+  ``None`` (the default) is ``N(0, I)``. Where the KL to the prior has no closed
+  form (any prior but the default) it is estimated by Monte Carlo on the samples
+  that estimate the reconstruction. The VampPrior (Tomczak & Welling, 2018) is
+  :func:`mixture_gaussian_log_density` with the encoder's posteriors at learned
+  pseudo-inputs.
+- Gradient estimators: ``gradient_estimator=`` changes the gradient of an
+  objective, never its value. ``"standard"`` is the reparameterisation gradient;
+  ``"stl"`` (:func:`elbo`) drops the score-function term of ``log q``, whose
+  expectation is zero, and ``"dreg"`` (:func:`iwae_bound`) replaces it by a
+  second reparameterised term (see :func:`log_importance_weights`).
 
 The examples in the docstrings run as doctests (``python -m pytest -q``).
 """
@@ -42,6 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +65,7 @@ Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 DecodeFn = Callable[[Array], Array]
 LogLikelihoodFn = Callable[[Array, Array], Array]
+PriorLogDensity = Callable[[Array], Array]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -301,6 +316,62 @@ def gaussian_log_density(z: Array, mean: ArrayLike = 0.0, logvar: ArrayLike = 0.
     )
 
 
+def mixture_gaussian_log_density(
+    z: Array, means: Array, logvars: Array, *, log_weights: Array | None = None
+) -> Array:
+    """``log sum_m pi_m N(z; means[m], diag e^logvars[m])``: a mixture of diagonal Gaussians.
+
+    ``pi = softmax(log_weights)``, so ``log_weights`` need not be normalised; ``None``
+    gives equal weights ``1/M``. Computed with a ``logsumexp`` over the components.
+    The VampPrior is this density with ``means, logvars = encode(pseudo_inputs)``; as
+    a prior, pass ``prior_log_density=lambda z: mixture_gaussian_log_density(z, means,
+    logvars)`` to :func:`elbo`, :func:`iwae_bound`, :func:`log_importance_weights` or
+    :func:`iwae_log_likelihood`. Memory: intermediates of ``[..., M, D]``.
+
+    Args:
+      z: ``[..., D]``.
+      means, logvars: ``[M, D]``, the components' parameters.
+      log_weights: ``[M]`` unnormalised log mixture weights, or ``None``.
+
+    Returns:
+      ``[...]``, in nats.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxvae import losses
+      >>> means, logvars = jnp.array([[-1.0, 0.0], [1.0, 0.0]]), jnp.zeros((2, 2))
+      >>> z = jnp.zeros((5, 4, 2))
+      >>> losses.mixture_gaussian_log_density(z, means, logvars).shape
+      (5, 4)
+      >>> # Two equal components are the one Gaussian; the weights need not sum to 1.
+      >>> same = jnp.zeros((2, 2))
+      >>> one = losses.mixture_gaussian_log_density(
+      ...     z[0, 0], same, logvars, log_weights=jnp.array([3.0, 3.0])
+      ... )
+      >>> round(float(one), 4), round(float(losses.gaussian_log_density(z[0, 0])), 4)
+      (-1.8379, -1.8379)
+    """
+    means, logvars = jnp.asarray(means), jnp.asarray(logvars)
+    _check_same_shape("means", means, "logvars", logvars)
+    if means.ndim != 2 or jnp.shape(z)[-1:] != means.shape[1:]:
+        raise ValueError(
+            "means must be [M, D] with D the last axis of z, got "
+            f"z.shape={jnp.shape(z)} and means.shape={means.shape}."
+        )
+    if log_weights is not None and jnp.shape(log_weights) != means.shape[:1]:
+        raise ValueError(
+            f"log_weights must be [M], got log_weights.shape={jnp.shape(log_weights)} and "
+            f"means.shape={means.shape}."
+        )
+    log_pi = (
+        jnp.full(means.shape[:1], -math.log(means.shape[0]))
+        if log_weights is None
+        else jax.nn.log_softmax(jnp.asarray(log_weights))
+    )
+    components = gaussian_log_density(jnp.expand_dims(z, -2), means, logvars)  # [..., M]
+    return jax.nn.logsumexp(components + log_pi, axis=-1)
+
+
 def bernoulli_log_likelihood(x: Array, logits: Array, *, event_ndim: int = 3) -> Array:
     """``log Bernoulli(x; sigmoid(logits))`` summed over the trailing ``event_ndim`` axes.
 
@@ -447,6 +518,100 @@ def mc_reconstruction(
     return jnp.mean(ll, axis=0)
 
 
+def _check_estimator(gradient_estimator: str, allowed: tuple[str, ...]) -> None:
+    if gradient_estimator not in allowed:
+        raise ValueError(
+            f"gradient_estimator must be one of {allowed}, got {gradient_estimator!r}."
+        )
+
+
+def _log_prior(prior_log_density: PriorLogDensity | None, z: Array) -> Array:
+    """``log p(z)``, ``[...]`` for ``z: [..., D]``; ``None`` is ``N(0, I)``."""
+    if prior_log_density is None:
+        return gaussian_log_density(z)
+    log_pz = prior_log_density(z)
+    if jnp.shape(log_pz) != z.shape[:-1]:
+        raise ValueError(
+            f"prior_log_density(z) returned shape {jnp.shape(log_pz)}, expected {z.shape[:-1]} "
+            f"(z.shape={z.shape}): it must sum over the latent (last) axis only."
+        )
+    return log_pz
+
+
+@jax.custom_vjp
+def _weighted_path(z: Array) -> tuple[Array, Array]:
+    """DReG's gradient splitter: ``(z, zeros)`` for ``z: [K, ..., D]``; add the zeros
+    (``[K, ...]``) to ``log w``.
+
+    The identity in value. In reverse mode the cotangent of ``z_k`` is multiplied by
+    ``c_k / sum_j c_j``, ``c`` the cotangent of the zeros, which is that of ``log w``.
+    Where ``log w`` enters the differentiated result only as ``a * logsumexp_k(log w_k)``
+    (the IWAE bound, ``a`` any per-example factor), ``c_k = a * w~_k`` with the normalised
+    weights ``w~ = softmax(log w)``, so the scale is ``w~_k``: the gradient reaching the
+    encoder through ``z_k``, already ``a * w~_k * d log w_k / dz_k``, becomes
+    ``a * w~_k^2 * d log w_k / dz_k``, while the decoder's parameters keep the weights
+    ``w~_k``, from the same single decode. (The scale is read from the cotangent
+    because ``w~`` exists only after ``z`` is decoded. The rule is not linear in the
+    cotangents, so this is for reverse-mode gradients only; forward mode raises.)
+    """
+    return z, jnp.zeros_like(z[..., 0])
+
+
+def _weighted_path_fwd(z: Array) -> tuple[tuple[Array, Array], None]:
+    return _weighted_path(z), None
+
+
+def _weighted_path_bwd(_, cotangents: tuple[Array, Array]) -> tuple[Array]:
+    ct_z, ct_log_w = cotangents
+    total = jnp.sum(ct_log_w, axis=0)
+    nonzero = total != 0  # an example whose bound gets no gradient
+    scale = jnp.where(nonzero, ct_log_w / jnp.where(nonzero, total, 1), 0)
+    return (ct_z * scale[..., None],)
+
+
+_weighted_path.defvjp(_weighted_path_fwd, _weighted_path_bwd)
+
+
+def _log_weight_terms(
+    decode_fn: DecodeFn,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    eps: Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    prior_log_density: PriorLogDensity | None,
+    gradient_estimator: str,
+) -> tuple[Array, Array, Array]:
+    """``(log p(x|z_k), log p(z_k), log q(z_k|x))``, each ``[K, B]``, from one decode.
+
+    The three terms of :func:`log_importance_weights` (see there for the estimators).
+    """
+    _check_posterior_and_data(x, mean, logvar)
+    _check_estimator(gradient_estimator, ("standard", "stl", "dreg"))
+    mean, logvar, eps = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(eps)
+    if eps.ndim != mean.ndim + 1 or eps.shape[1:] != mean.shape:
+        raise ValueError(
+            "eps must have shape [K, *mean.shape], got "
+            f"eps.shape={eps.shape} and mean.shape={mean.shape}."
+        )
+    if eps.shape[0] < 1:
+        raise ValueError(f"eps must hold at least one sample, got eps.shape={eps.shape}.")
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    if gradient_estimator == "dreg":
+        z, zeros = _weighted_path(z)
+    log_px_z = _scored(log_likelihood_fn, x, decode_fn(z), eps.shape[:-1])
+    log_pz = _log_prior(prior_log_density, z)
+    log_qz = -0.5 * jnp.sum(_LOG_2PI + logvar + jnp.square(eps), axis=-1)
+    if gradient_estimator != "standard":
+        # The path derivative: q's parameters held fixed in its density but not in z.
+        # The value stays the exact form from eps (path - sg(path) is exactly 0).
+        path = gaussian_log_density(z, lax.stop_gradient(mean), lax.stop_gradient(logvar))
+        log_qz = lax.stop_gradient(log_qz) + (path - lax.stop_gradient(path))
+    if gradient_estimator == "dreg":
+        log_px_z = log_px_z + zeros
+    return log_px_z, log_pz, log_qz
+
+
 def elbo(
     key: Array,
     decode_fn: DecodeFn,
@@ -457,20 +622,41 @@ def elbo(
     *,
     num_samples: int = 1,
     beta: ArrayLike = 1.0,
+    gradient_estimator: Literal["standard", "stl"] = "standard",
+    prior_log_density: PriorLogDensity | None = None,
 ) -> tuple[Array, Array, Array]:
     """The (beta-)evidence lower bound, per example.
 
-        elbo = E_q[log p(x|z)] - beta * KL(q(z|x) || N(0, I)),
+        elbo = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z)),
 
-    with the expectation estimated by :func:`mc_reconstruction` and the KL in
-    closed form (:func:`gaussian_kl`). With ``beta = 1`` it lower-bounds
-    ``log p(x)``.
+    with the expectation estimated by :func:`mc_reconstruction`. With the default
+    prior ``N(0, I)`` and ``gradient_estimator="standard"`` the KL is in closed form
+    (:func:`gaussian_kl`). Otherwise (a ``prior_log_density``, or ``"stl"``) it is the
+    Monte-Carlo estimate on the same ``N`` samples ``z_i`` that estimate the
+    reconstruction,
+
+        kl = (1/N) sum_i [log q(z_i|x) - log p(z_i)],
+
+    unbiased (at ``beta = 1`` the ELBO is then ``mean_i log w_i`` of
+    :func:`log_importance_weights`). With ``beta = 1`` the ELBO lower-bounds ``log p(x)``.
+
+    Gradient estimators (the value is the same for both):
+      - ``"standard"``: the reparameterisation gradient.
+      - ``"stl"``, "sticking the landing" (Roeder et al., 2017): ``log q(z|x)`` is
+        differentiated along the path ``z = mean + e^(logvar/2) * eps`` only, with
+        ``q``'s parameters held fixed in its density. This drops the score-function
+        term, whose expectation is zero, so the gradient stays unbiased; where ``q`` is
+        the exact posterior the encoder's gradient is zero for every sample. STL needs
+        the Monte-Carlo KL (the closed form's gradient is not the path derivative), so
+        ``"stl"`` always uses it, also with the default prior.
 
     Args: as :func:`mc_reconstruction`, plus ``beta`` (scalar, may be traced,
-      e.g. a KL warm-up schedule value).
+      e.g. a KL warm-up schedule value), ``gradient_estimator`` and
+      ``prior_log_density`` (``[..., D] -> [...]``; ``None``: ``N(0, I)``).
 
     Returns:
-      ``(elbo, reconstruction, kl)``, each ``[B]``, in nats.
+      ``(elbo, reconstruction, kl)``, each ``[B]``, in nats; ``kl`` is the closed form
+      or the Monte-Carlo estimate (see above), with the estimator's gradient.
 
     Example:
       >>> import jax
@@ -479,18 +665,54 @@ def elbo(
       >>> decode = lambda z: z @ jnp.ones((2, 3))  # latents [..., 2] -> means [..., 3]
       >>> ll = lambda x, out: losses.gaussian_log_likelihood(x, out, event_ndim=1)
       >>> x, mean, logvar = jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.zeros((4, 2))
-      >>> value, rec, kl = losses.elbo(
-      ...     jax.random.key(0), decode, x, mean, logvar, ll, num_samples=8, beta=0.5
-      ... )
+      >>> key = jax.random.key(0)
+      >>> value, rec, kl = losses.elbo(key, decode, x, mean, logvar, ll, num_samples=8, beta=0.5)
       >>> value.shape, kl.tolist()  # KL(N(1, 1) || N(0, 1)) = 1/2 per latent dimension
       ((4,), [1.0, 1.0, 1.0, 1.0])
       >>> bool(jnp.allclose(value, rec - 0.5 * kl))
       True
+      >>> # Any prior: a mixture of two Gaussians; the KL is estimated on the samples.
+      >>> prior = lambda z: losses.mixture_gaussian_log_density(z, jnp.eye(2), jnp.zeros((2, 2)))
+      >>> value, rec, kl = losses.elbo(key, decode, x, mean, logvar, ll, prior_log_density=prior)
+      >>> value.shape
+      (4,)
+
+    STL (the model of :func:`log_importance_weights`, whose exact posterior is
+    ``N(x/2, 1/2)``): the value of the Monte-Carlo-KL ELBO, a zero encoder gradient:
+      >>> decode = lambda z: z
+      >>> x = jnp.array([[1.0]])
+      >>> mean, logvar = x / 2, jnp.log(jnp.full((1, 1), 0.5))
+      >>> stl = lambda m: losses.elbo(key, decode, x, m, logvar, ll, gradient_estimator="stl")
+      >>> mc_kl = losses.elbo(
+      ...     key, decode, x, mean, logvar, ll, prior_log_density=losses.gaussian_log_density
+      ... )
+      >>> bool(jnp.array_equal(stl(mean)[0], mc_kl[0]))
+      True
+      >>> float(jnp.abs(jax.grad(lambda m: stl(m)[0].sum())(mean)).max()) < 1e-6
+      True
     """
-    reconstruction = mc_reconstruction(
-        key, decode_fn, x, mean, logvar, log_likelihood_fn, num_samples=num_samples
-    )
-    kl = gaussian_kl(mean, logvar)
+    _check_estimator(gradient_estimator, ("standard", "stl"))
+    if prior_log_density is None and gradient_estimator == "standard":
+        reconstruction = mc_reconstruction(
+            key, decode_fn, x, mean, logvar, log_likelihood_fn, num_samples=num_samples
+        )
+        kl = gaussian_kl(mean, logvar)
+    else:
+        _check_num_samples(num_samples)
+        mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
+        eps = _noise(key, (num_samples, *mean.shape), mean, logvar)
+        log_px_z, log_pz, log_qz = _log_weight_terms(
+            decode_fn,
+            x,
+            mean,
+            logvar,
+            eps,
+            log_likelihood_fn,
+            prior_log_density,
+            gradient_estimator,
+        )
+        reconstruction = jnp.mean(log_px_z, axis=0)
+        kl = jnp.mean(log_qz - log_pz, axis=0)
     return reconstruction - beta * kl, reconstruction, kl
 
 
@@ -501,22 +723,40 @@ def log_importance_weights(
     logvar: Array,
     eps: Array,
     log_likelihood_fn: LogLikelihoodFn,
+    *,
+    prior_log_density: PriorLogDensity | None = None,
+    gradient_estimator: Literal["standard", "stl", "dreg"] = "standard",
 ) -> Array:
     """Log importance weights ``log p(x, z_k) - log q(z_k | x)`` for given noise.
 
         z_k = mean + e^(logvar/2) * eps_k,
-        log w_k = log p(x | z_k) + log N(z_k; 0, I) - log N(z_k; mean, e^logvar).
+        log w_k = log p(x | z_k) + log p(z_k) - log N(z_k; mean, e^logvar),
 
-    ``log q`` is computed from ``eps`` directly (``(z - mean)^2 / e^logvar`` is
-    ``eps^2``), which is exact. All ``K`` samples are decoded in one call
-    ``decode_fn(z)`` with ``z: [K, B, D]``. The noise is an argument rather than
-    drawn here, so a caller can draw it once for a global batch and slice it per
-    device. Gradients flow along the reparameterised path to ``mean``, ``logvar``
-    and whatever ``decode_fn`` closes over (the full pathwise gradient, including
-    the ``logvar`` term of ``log q``). :func:`iwae_bound` and
-    :func:`iwae_log_likelihood` are built on this function.
+    with ``log p(z) = prior_log_density(z)`` (default ``N(0, I)``). ``log q`` is
+    computed from ``eps`` directly (``(z - mean)^2 / e^logvar`` is ``eps^2``), which is
+    exact. All ``K`` samples are decoded in one call ``decode_fn(z)`` with ``z: [K, B,
+    D]``. The noise is an argument rather than drawn here, so a caller can draw it once
+    for a global batch and slice it per device. :func:`iwae_bound`,
+    :func:`iwae_log_likelihood` and the Monte-Carlo-KL :func:`elbo` are built on this
+    function.
 
-    All arguments are positional (``eps`` is data, not an option).
+    Gradients (the values are the same for every estimator) flow along the
+    reparameterised path to ``mean``, ``logvar``, whatever ``decode_fn`` and
+    ``prior_log_density`` close over, and, with ``gradient_estimator``:
+      - ``"standard"``: also through ``log q``'s own parameters (the full pathwise
+        gradient, including the score-function term).
+      - ``"stl"``: not through ``log q``'s parameters, only through its argument ``z``
+        (the path derivative). ``mean(log_w, axis=0)`` is then the STL ELBO (see
+        :func:`elbo`); ``logsumexp`` of these weights would be a biased IWAE gradient.
+      - ``"dreg"``: the path derivative, and the gradient that reaches ``mean`` and
+        ``logvar`` through ``z_k`` re-weighted by the normalised weight ``w~_k``, so
+        that ``logsumexp(log_w, axis=0)`` has the doubly reparameterised gradient of
+        the IWAE bound (see :func:`iwae_bound`). Only for that use: the re-weighting
+        assumes that the log weights reach the differentiated result only through their
+        ``logsumexp`` over ``K`` (scaled by any factor per example); reverse mode only.
+
+    The data arguments are positional (``eps`` is data, not an option); the options
+    are keyword-only.
 
     Args:
       decode_fn: ``[..., D] -> [..., *event]``.
@@ -524,6 +764,8 @@ def log_importance_weights(
       mean, logvar: ``[B, D]``, parameters of ``q(z|x)``.
       eps: ``[K, B, D]`` standard-normal noise, ``K >= 1``.
       log_likelihood_fn: ``(x, outputs[K, B, *event]) -> [K, B]``.
+      prior_log_density: ``[..., D] -> [...]``, ``log p(z)``; ``None``: ``N(0, I)``.
+      gradient_estimator: ``"standard"``, ``"stl"`` or ``"dreg"``.
 
     Returns:
       ``log_w``: ``[K, B]``, in nats. ``logsumexp(log_w, axis=0) - log K`` is the
@@ -542,20 +784,16 @@ def log_importance_weights(
       >>> log_w = losses.log_importance_weights(decode, x, mean, logvar, eps, ll)
       >>> log_w.shape, [round(v, 4) for v in log_w[:, 0].tolist()]
       ((3, 1), [-1.5155, -1.5155, -1.5155])
+      >>> # The prior as a function: N(0, 1) given explicitly changes nothing.
+      >>> same = losses.log_importance_weights(
+      ...     decode, x, mean, logvar, eps, ll, prior_log_density=losses.gaussian_log_density
+      ... )
+      >>> bool(jnp.array_equal(same, log_w))
+      True
     """
-    _check_posterior_and_data(x, mean, logvar)
-    mean, logvar, eps = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(eps)
-    if eps.ndim != mean.ndim + 1 or eps.shape[1:] != mean.shape:
-        raise ValueError(
-            "eps must have shape [K, *mean.shape], got "
-            f"eps.shape={eps.shape} and mean.shape={mean.shape}."
-        )
-    if eps.shape[0] < 1:
-        raise ValueError(f"eps must hold at least one sample, got eps.shape={eps.shape}.")
-    z = mean + jnp.exp(0.5 * logvar) * eps
-    log_px_z = _scored(log_likelihood_fn, x, decode_fn(z), eps.shape[:-1])
-    log_pz = gaussian_log_density(z)
-    log_qz = -0.5 * jnp.sum(_LOG_2PI + logvar + jnp.square(eps), axis=-1)
+    log_px_z, log_pz, log_qz = _log_weight_terms(
+        decode_fn, x, mean, logvar, eps, log_likelihood_fn, prior_log_density, gradient_estimator
+    )
     return log_px_z + log_pz - log_qz
 
 
@@ -568,13 +806,15 @@ def iwae_bound(
     log_likelihood_fn: LogLikelihoodFn,
     *,
     num_samples: int,
+    gradient_estimator: Literal["standard", "dreg"] = "standard",
+    prior_log_density: PriorLogDensity | None = None,
 ) -> Array:
     """The importance-weighted lower bound ``L_K`` of Burda et al. (2015), per example.
 
         L_K = log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z|x) = N(mean, e^logvar),
 
-    with prior ``p(z) = N(0, I)``: ``logsumexp_k(log w_k) - log K`` of
-    :func:`log_importance_weights`. This is the objective the IWAE maximises, a
+    with prior ``p(z) = prior_log_density`` (default ``N(0, I)``): ``logsumexp_k(log w_k)
+    - log K`` of :func:`log_importance_weights`. This is the objective the IWAE maximises, a
     training loss: all ``K`` samples are decoded in one call and gradients flow
     through the reparameterised samples (for ``K`` too large for memory at
     evaluation, use the chunked :func:`iwae_log_likelihood`).
@@ -586,8 +826,27 @@ def iwae_bound(
     Noise: ``eps = jax.random.normal(key, (K, *mean.shape))``, the draw of
     ``reparameterize(key, mean, logvar, num_samples=K)``, so with the same key
     ``iwae_bound`` at ``K = 1`` and :func:`elbo` evaluate the same ``z``
-    (:func:`iwae_log_likelihood` draws sample ``k`` from ``fold_in(key, k)`` instead,
-    so that its chunking cannot change its result).
+    (:func:`iwae_log_likelihood` draws sample ``k`` of example ``i`` from
+    ``fold_in(key_i, k)`` instead, so that its chunking cannot change its result).
+
+    Gradient estimators (the value is the same for both):
+      - ``"standard"``: the reparameterisation gradient of the bound.
+      - ``"dreg"``, doubly reparameterised (Tucker et al., 2018): with the normalised
+        weights ``w~_k = softmax_k(log w_k)``, the gradient reaching ``mean`` and
+        ``logvar`` (and the encoder that produced them) is
+
+            sum_k w~_k^2 * (d log w_k / d z_k) * d z_k / d(mean, logvar),
+
+        ``log w_k`` differentiated in ``z_k`` with ``q``'s parameters held fixed in its
+        density. It has the expectation of the standard gradient, whose score-function
+        term (the noise that makes the encoder's signal-to-noise ratio fall as ``K``
+        grows) it replaces by a second reparameterised term. The decoder's and the
+        prior's parameters get the standard gradient ``sum_k w~_k * d log w_k / d theta``
+        (a parameter shared by the prior and the encoder, as in the VampPrior, gets both
+        parts). The samples are decoded once: the ``w~_k`` re-weighting is applied to
+        the gradient flowing back into ``z_k`` (:func:`log_importance_weights`). Reverse
+        mode only (``jax.grad``, ``jax.vjp``; ``jax.jvp`` raises). At ``K = 1`` it is
+        STL (see :func:`elbo`).
 
     Args:
       key: ``jax.random`` key for the ``K`` noise draws, or one key per example ``[B]``.
@@ -596,6 +855,8 @@ def iwae_bound(
       mean, logvar: ``[B, D]`` parameters of ``q(z|x)``.
       log_likelihood_fn: ``(x, outputs[K, B, *event]) -> [K, B]``.
       num_samples: ``K >= 1`` (static).
+      gradient_estimator: ``"standard"`` or ``"dreg"``.
+      prior_log_density: ``[..., D] -> [...]``, ``log p(z)``; ``None``: ``N(0, I)``.
 
     Returns:
       ``[B]``, in nats.
@@ -616,12 +877,32 @@ def iwae_bound(
       >>> f = lambda m: losses.iwae_bound(key, decode, x, m, logvar, ll, num_samples=8).mean()
       >>> jax.grad(f)(mean).shape
       (1, 1)
+      >>> # DReG: the same value; at the exact posterior every sample's encoder gradient
+      >>> # is zero (the standard one is not).
+      >>> def g(m, estimator):
+      ...     return losses.iwae_bound(
+      ...         key, decode, x, m, logvar, ll, num_samples=8, gradient_estimator=estimator
+      ...     ).mean()
+      >>> bool(g(mean, "dreg") == g(mean, "standard"))
+      True
+      >>> [bool(jnp.abs(jax.grad(g)(mean, e)).max() < 1e-6) for e in ("dreg", "standard")]
+      [True, False]
     """
     _check_posterior_and_data(x, mean, logvar)
     _check_num_samples(num_samples)
+    _check_estimator(gradient_estimator, ("standard", "dreg"))
     mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
     eps = _noise(key, (num_samples, *mean.shape), mean, logvar)
-    log_w = log_importance_weights(decode_fn, x, mean, logvar, eps, log_likelihood_fn)
+    log_w = log_importance_weights(
+        decode_fn,
+        x,
+        mean,
+        logvar,
+        eps,
+        log_likelihood_fn,
+        prior_log_density=prior_log_density,
+        gradient_estimator=gradient_estimator,
+    )
     return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
 
 
@@ -641,13 +922,15 @@ def iwae_log_likelihood(
     num_samples: int,
     chunk_size: int | None = None,
     batch_chunk_size: int | None = None,
+    prior_log_density: PriorLogDensity | None = None,
 ) -> Array:
     """Importance-weighted estimate of ``log p(x)`` (Burda et al., 2015), in chunks.
 
         log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z|x) = N(mean, e^logvar),
 
-    with prior ``p(z) = N(0, I)``, computed in log space with a running
-    ``logsumexp``: the estimator of :func:`iwae_bound`, for evaluation with large ``K``.
+    with prior ``p(z) = prior_log_density`` (default ``N(0, I)``), computed in log space
+    with a running ``logsumexp``: the estimator of :func:`iwae_bound`, for evaluation
+    with large ``K``.
     Its expectation is a lower bound on ``log p(x)`` that equals the ELBO for
     ``K = 1`` and rises toward ``log p(x)`` as ``K`` grows.
 
@@ -673,6 +956,7 @@ def iwae_log_likelihood(
       chunk_size: samples decoded per call; default
         ``min(K, DEFAULT_IWAE_CHUNK_SIZE)``.
       batch_chunk_size: examples per block (a 1-D batch only); default: the whole batch.
+      prior_log_density: ``[..., D] -> [...]``, ``log p(z)``; ``None``: ``N(0, I)``.
 
     Returns:
       ``[B]``, in nats.
@@ -691,6 +975,14 @@ def iwae_log_likelihood(
       ... )
       >>> log_px.shape, round(float(log_px[0]), 4)  # log N(1; 0, 2)
       ((1,), -1.5155)
+      >>> # Another prior, N(0, 4): p(x) = N(1; 0, 5), exact posterior N(4/5, 4/5).
+      >>> prior = lambda z: losses.gaussian_log_density(z, 0.0, jnp.log(4.0))
+      >>> log_px = losses.iwae_log_likelihood(
+      ...     jax.random.key(0), decode, x, 0.8 * x, jnp.log(jnp.full((1, 1), 0.8)), ll,
+      ...     num_samples=10, prior_log_density=prior,
+      ... )
+      >>> round(float(log_px[0]), 4)
+      -1.8237
     """
     batch_shape = _check_posterior_and_data(x, mean, logvar)
     _check_num_samples(num_samples)
@@ -718,7 +1010,9 @@ def iwae_log_likelihood(
         draw = lambda k, key_i: jax.random.normal(jax.random.fold_in(key_i, k), dim, dtype)
         eps = jax.vmap(lambda k: jax.vmap(lambda key_i: draw(k, key_i))(kb.reshape(-1)))(ks)
         eps = eps.reshape(chunk, *mb.shape)
-        log_w = log_importance_weights(decode_fn, xb, mb, lvb, eps, log_likelihood_fn)
+        log_w = log_importance_weights(
+            decode_fn, xb, mb, lvb, eps, log_likelihood_fn, prior_log_density=prior_log_density
+        )
         # The last chunk may run past K: those samples get zero weight.
         valid = ks < num_samples
         return jnp.where(valid.reshape((chunk,) + (1,) * (log_w.ndim - 1)), log_w, -jnp.inf)
@@ -852,6 +1146,7 @@ __all__ = [
     "iwae_log_likelihood",
     "log_importance_weights",
     "mc_reconstruction",
+    "mixture_gaussian_log_density",
     "reparameterize",
     "vanilla_vae_loss",
 ]

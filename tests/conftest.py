@@ -25,9 +25,14 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 # Many tests build the same step functions again (each train_and_evaluate call traces its own
 # closures); JAX's persistent compilation cache turns those repeated XLA compilations into
-# cache hits. Per pytest process, in a fresh temporary folder that goes when the process ends.
-_xla_cache = tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-")
-atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+# cache hits. One fresh temporary folder for the whole test run: made by the first process
+# that loads this file (pytest itself, or its xdist controller, whose environment the workers
+# inherit), removed when that process ends.
+_CACHE_ENV = "JAXVAE_TEST_XLA_CACHE"
+if _CACHE_ENV not in os.environ:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="jaxvae-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+_xla_cache = os.environ[_CACHE_ENV]
 jax.config.update("jax_compilation_cache_dir", _xla_cache)
 # ... which is also the cache of the train.py processes the tests start (jaxvae.compilation_cache):
 # tests never write to the user's own cache folder.
