@@ -218,8 +218,8 @@ def _untaps_gather(z: jax.Array) -> jax.Array:
 # nine padded arrays, and XLA's CPU backend fuses the producer of the cotangent (the next
 # layer's BatchNorm backward) into each of them: on the seed VAE that one fusion cost as
 # much as all GEMMs of the last layer. Only data movement is customised; the GEMMs stay
-# ordinary dots, so autodiff (and shard_map's psum of replicated-parameter gradients)
-# handles the kernel as usual.
+# ordinary dots, so autodiff (and the cross-device sum of the kernel's gradient under a sharded
+# batch) handles the kernel as usual.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _taps(u: jax.Array, out_hw: tuple[int, int], in_hw: tuple[int, int]) -> jax.Array:
     """:func:`_taps_gather` of ``u: [N, *in_hw, C]`` -> ``[N, *out_hw, 9 C]``."""
