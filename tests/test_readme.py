@@ -2,6 +2,10 @@
 
 import pathlib
 import re
+import shutil
+import subprocess
+
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,3 +32,17 @@ def test_model_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["samples"].shape == (16, 28, 28, 1)
     assert scope["outputs"].shape == (8, 28, 28, 1) and scope["elbo"].shape == (8,)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ci_reads_the_readme_commands():
+    out = subprocess.run(
+        ["bash", str(README.parent / ".ci" / "run"), "--print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out == ['pip install -e ".[tf,test]"', "python -m pytest -q -n 2 --dist loadfile"]
+    # ... and they are the README's first code block, near its top.
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    assert first_block.splitlines() == out
