@@ -6,7 +6,7 @@ The recipe behind the README's results table. What differs from ``configs/mnist.
   same conv encoder. The decoder runs K = 5000 times per test image in the standard
   evaluation (50 million decoder passes over the test set); dense layers run near the CPU's
   GEMM peak while the conv decoder's full-resolution layers are bound by memory traffic, so
-  this decoder makes that evaluation ~4x faster than VanillaVAE's (benchmarks/README.md),
+  this decoder makes that evaluation ~4x faster than VanillaVAE's (docs/likelihoods.md),
   and training ~4x faster per image;
 - 50 latent dimensions (Burda et al.'s single-stochastic-layer models);
 - Adam at 1e-3 with a cosine decay to 0 over the run, 180 epochs (84,375 steps at batch 128:
