@@ -23,7 +23,16 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from jaxvae import checkpointing, config_utils, distributed, input_pipeline, preemption, train_lib
+from jaxvae import (
+    checkpointing,
+    config_utils,
+    distributed,
+    input_pipeline,
+    preemption,
+    train_lib,
+    workdir_files,
+    workdir_lock,
+)
 
 # Errors a user can fix; reported as one message and exit status 1, without a traceback.
 USER_ERRORS = (
@@ -32,6 +41,8 @@ USER_ERRORS = (
     train_lib.WorkdirMismatchError,
     train_lib.TrainingDivergedError,
     checkpointing.CheckpointError,
+    workdir_files.DamagedFileError,
+    workdir_lock.WorkdirBusyError,
 )
 
 
@@ -84,9 +95,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 def resolve_config(
     config: ml_collections.ConfigDict | None, workdir: str | None, mode: str
 ) -> ml_collections.ConfigDict:
-    """``--config`` (with overrides), or for ``eval``/``sample`` the workdir's ``config.json``."""
-    if config is None and mode != "train" and workdir and (Path(workdir) / "config.json").exists():
-        config = config_utils.from_dict(json.loads((Path(workdir) / "config.json").read_text()))
+    """``--config`` (with overrides), or for ``eval``/``sample`` the workdir's ``config.json``.
+
+    Raises ``workdir_files.DamagedFileError`` for a damaged ``config.json``.
+    """
+    if config is None and mode != "train" and workdir:
+        saved = workdir_files.read_config(workdir)
+        config = config_utils.from_dict(saved) if saved is not None else None
     if config is None:
         fail(
             "--config is required (e.g. --config configs/mnist.py); with --mode eval|sample, "
@@ -122,6 +137,22 @@ def quiet_logging() -> None:
     sys.unraisablehook = _drop_closed_loop_noise
 
 
+def _note_training_run(workdir: str, mode: str) -> None:
+    """Says so when a training run holds the workdir: eval and sample only read checkpoints,
+    which they may do meanwhile (the latest one may be newer by the time they finish)."""
+    try:
+        holder = workdir_lock.read_holder(workdir)
+    except workdir_lock.WorkdirBusyError:  # an unreadable lock: training reports it
+        return
+    if holder is not None and holder.alive() is not False and jax.process_index() == 0:
+        print(
+            f"note: {workdir} is being trained by another run ({holder.describe()}); this "
+            f"--mode {mode} reads its checkpoints as they are now.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(
     config: ml_collections.ConfigDict | None,
     workdir: str | None,
@@ -141,14 +172,16 @@ def main(
         distributed.initialize(processes)  # before anything queries devices
     except distributed.DistributedError as e:
         fail(str(e), 2)
-    config = resolve_config(config, workdir, mode)
-    workdir = workdir or str(Path("runs") / config.name)
     try:
+        config = resolve_config(config, workdir, mode)
+        workdir = workdir or str(Path("runs") / config.name)
         if mode == "train":
             out = json.dumps(train_lib.train_and_evaluate(config, workdir), indent=2)
         elif mode == "eval":
+            _note_training_run(workdir, mode)
             out = json.dumps(train_lib.evaluate_workdir(config, workdir, checkpoint), indent=2)
         else:
+            _note_training_run(workdir, mode)
             out = "\n".join(map(str, train_lib.sample_workdir(config, workdir, checkpoint)))
         if jax.process_index() == 0:  # one copy of the result, not one per process
             print(out)

@@ -239,11 +239,29 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def allgather_texts(text: str) -> list[str]:
+    """Every process's ``text``, in process order (``[text]`` with one process)."""
+    import jax  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+        return [text]
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+    padded = np.zeros(max(1, int(sizes.max())), np.uint8)  # one length for every process
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes.ravel(), strict=True)]
+
+
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
     "DistributedError",
     "Options",
     "Plan",
+    "allgather_texts",
     "cpu_backend_expected",
     "detect_cluster",
     "initialize",

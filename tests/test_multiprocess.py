@@ -211,8 +211,10 @@ def test_two_processes_equal_one_process(reference, two_steps):
         metrics(workdir)[2]["train_loss"], metrics(reference)[2]["train_loss"], rtol=1e-5
     )
 
-    # One writer: one metrics line per step, one TensorBoard file, the usual outputs.
+    # One writer: one metrics line per step, one TensorBoard file, the usual outputs; process
+    # 0's workdir lock is gone.
     assert list(metrics(workdir)) == [2]
+    assert not (workdir / "jaxvae.lock").exists()
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
     results = json.loads((workdir / "results.json").read_text())
     assert (results["num_processes"], results["num_devices"], results["step"]) == (2, 8, 2)
