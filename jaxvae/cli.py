@@ -52,35 +52,41 @@ def fail(message: str, status: int = 1) -> NoReturn:
     sys.exit(status)
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=value`` / ``--name value`` in ``argv`` (the last one wins)."""
+    value = None
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl ``flags_parser``: checks ``--config.<field>`` names, then parses ``argv``.
+    """absl ``flags_parser``: checks ``--config`` and its ``--config.<field>`` names, then
+    parses ``argv``.
+
+    The config file is loaded here first, so that a missing or broken one is one ``error:``
+    line rather than absl's traceback.
 
     Every call starts from the flags' defaults, so calling the program twice in one process
     (tests, a notebook) does not carry flags over from the first call.
     """
     keys = config_utils.override_keys(argv)
-    if keys:
-        path = _config_path(argv)
-        if path is None:
-            fail(
-                "--config.<field> overrides need --config <file>: name the config the run was "
-                "trained with, e.g. --config configs/mnist.py --mode eval --workdir runs/mnist "
-                "--config.eval.iwae_samples=5000 (a workdir whose model differs is refused).",
-                2,
-            )
+    path = _flag_value(argv, "config")
+    if path is not None:
         try:
             config_utils.check_override_keys(config_utils.load_config_file(path), keys)
         except config_utils.ConfigError as e:
             fail(str(e), 2)
+    elif keys:
+        fail(
+            "--config.<field> overrides need --config <file>: name the config the run was "
+            "trained with, e.g. --config configs/mnist.py --mode eval --workdir runs/mnist "
+            "--config.eval.iwae_samples=5000 (a workdir whose model differs is refused).",
+            2,
+        )
     # config_flags defines a flag per --config.<field> each time --config is parsed: drop the
     # ones of an earlier call, and put every other flag back to its default.
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
