@@ -44,6 +44,11 @@ _HEARTBEAT = flags.DEFINE_integer(
     distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
     "Seconds without a heartbeat after which a process counts as dead and the run stops.",
 )
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+    "join_timeout",
+    distributed.DEFAULT_JOIN_TIMEOUT_S,
+    "Seconds a process waits for all processes of the run to join; then it stops (exit 1).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -51,7 +56,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --config.x=1.")
     cli.quiet_logging()
     processes = distributed.Options(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        _HEARTBEAT.value,
+        _JOIN_TIMEOUT.value,
     )
     cli.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _CHECKPOINT.value, processes=processes)
 

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 from absl import flags, logging
 
+import jaxvae
 from jaxvae import (
     checkpointing,
     config_utils,
@@ -43,6 +44,7 @@ USER_ERRORS = (
     checkpointing.CheckpointError,
     workdir_files.DamagedFileError,
     workdir_lock.WorkdirBusyError,
+    distributed.ProcessMismatchError,
 )
 
 
@@ -181,6 +183,16 @@ def main(
     try:
         config = resolve_config(config, workdir, mode)
         workdir = workdir or str(Path("runs") / config.name)
+        # Processes started with different commands must not start one program.
+        distributed.check_same_settings(
+            {
+                "jaxvae version": jaxvae.__version__,
+                "--mode": mode,
+                "--workdir": workdir,
+                "--checkpoint": checkpoint,
+                "config": config_utils.to_dict(config),
+            }
+        )
         if mode == "train":
             out = json.dumps(train_lib.train_and_evaluate(config, workdir), indent=2)
         elif mode == "eval":
