@@ -31,6 +31,7 @@ from jaxvae import (
     input_pipeline,
     preemption,
     train_lib,
+    workdir_config,
     workdir_files,
     workdir_lock,
 )
@@ -54,6 +55,19 @@ def fail(message: str, status: int = 1) -> NoReturn:
     sys.exit(status)
 
 
+# What --mode eval|sample may change on a workdir's own config.json (no --config): where the
+# data are, which split is evaluated and how, and the compute dtype. Any other field would
+# describe another training run than the one whose checkpoints are there.
+INFERENCE_OVERRIDES = (
+    "eval.",
+    "data.eval_split",
+    "data.data_dir",
+    "data.manual_dir",
+    "model.dtype",
+)
+_WORKDIR_CONFIG_FILE = Path(__file__).with_name("workdir_config.py")
+
+
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
     """The value of ``--name=value`` / ``--name value`` in ``argv`` (the last one wins)."""
     value = None
@@ -65,28 +79,62 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
     return value
 
 
+def _workdir_config_flag(workdir: str, keys: Sequence[str]) -> str:
+    """``--config`` for ``--mode eval|sample`` without one: the workdir's ``config.json``,
+    checked here (absl would print a traceback), with only :data:`INFERENCE_OVERRIDES`."""
+    try:
+        saved = workdir_files.read_config(workdir)
+    except workdir_files.DamagedFileError as e:
+        fail(str(e))
+    if saved is None:
+        fail(
+            f"--workdir {workdir} holds no {workdir_files.CONFIG} (is it a trained run?); give "
+            "the config it was trained with: --config <file>.",
+            2,
+        )
+    refused = [f"--config.{k}" for k in keys if not k.startswith(INFERENCE_OVERRIDES)]
+    if refused:
+        fail(
+            f"{', '.join(refused)} would change the run whose checkpoints are in --workdir "
+            f"{workdir}; without --config, --mode eval|sample may set only "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in INFERENCE_OVERRIDES)}. "
+            "To evaluate another model, train it in its own --workdir.",
+            2,
+        )
+    try:
+        config_utils.check_override_keys(config_utils.from_dict(saved), keys)
+    except config_utils.ConfigError as e:
+        fail(str(e), 2)
+    return f"--config={_WORKDIR_CONFIG_FILE}:{workdir}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl ``flags_parser``: checks ``--config`` and its ``--config.<field>`` names, then
     parses ``argv``.
 
     The config file is loaded here first, so that a missing or broken one is one ``error:``
-    line rather than absl's traceback.
+    line rather than absl's traceback. ``--mode eval|sample --workdir W`` without ``--config``
+    uses W's ``config.json`` (with the overrides :data:`INFERENCE_OVERRIDES` allows).
 
     Every call starts from the flags' defaults, so calling the program twice in one process
     (tests, a notebook) does not carry flags over from the first call.
     """
     keys = config_utils.override_keys(argv)
     path = _flag_value(argv, "config")
+    workdir = _flag_value(argv, "workdir")
     if path is not None:
         try:
             config_utils.check_override_keys(config_utils.load_config_file(path), keys)
         except config_utils.ConfigError as e:
             fail(str(e), 2)
+    elif _flag_value(argv, "mode") in ("eval", "sample") and workdir:
+        # Before the overrides: absl defines the --config.<field> flags when --config is parsed.
+        argv = [argv[0], _workdir_config_flag(workdir, keys), *argv[1:]]
     elif keys:
         fail(
-            "--config.<field> overrides need --config <file>: name the config the run was "
-            "trained with, e.g. --config configs/mnist.py --mode eval --workdir runs/mnist "
-            "--config.eval.iwae_samples=5000 (a workdir whose model differs is refused).",
+            "--config.<field> overrides need --config <file> (or, with --mode eval|sample, "
+            "--workdir of a trained run): e.g. --config configs/mnist.py "
+            "--config.batch_size=256.",
             2,
         )
     # config_flags defines a flag per --config.<field> each time --config is parsed: drop the
@@ -108,8 +156,8 @@ def resolve_config(
     Raises ``workdir_files.DamagedFileError`` for a damaged ``config.json``.
     """
     if config is None and mode != "train" and workdir:
-        saved = workdir_files.read_config(workdir)
-        config = config_utils.from_dict(saved) if saved is not None else None
+        if (Path(workdir) / workdir_files.CONFIG).exists():
+            config = workdir_config.get_config(workdir)
     if config is None:
         fail(
             "--config is required (e.g. --config configs/mnist.py); with --mode eval|sample, "
@@ -216,4 +264,12 @@ def main(
         fail("interrupted; nothing was saved.", 130)
 
 
-__all__ = ["USER_ERRORS", "fail", "main", "parse_flags", "quiet_logging", "resolve_config"]
+__all__ = [
+    "INFERENCE_OVERRIDES",
+    "USER_ERRORS",
+    "fail",
+    "main",
+    "parse_flags",
+    "quiet_logging",
+    "resolve_config",
+]

@@ -193,6 +193,36 @@ def test_damaged_workdir_is_refused(trained, mock, train_py, capsys, tmp_path, d
     assert snapshot(workdir) == before
 
 
+def test_eval_and_sample_from_the_workdir_config(trained, mock, train_py, capsys, tmp_path):
+    """--mode eval|sample without --config use the workdir's config.json, with --config.eval.*
+    and data-split overrides; an override that would change the trained run is refused."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+    code = train_py(
+        "--mode=sample", f"--workdir={workdir}", "--config.model.latent_dim=5", "--config.seed=3"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "--config.model.latent_dim, --config.seed would change the run" in err
+    assert snapshot(workdir) == before
+    nothing = tmp_path / "nothing"
+    assert train_py("--mode=eval", f"--workdir={nothing}", "--config.eval.iwae_samples=2") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"--workdir {nothing} holds no config.json" in err, err
+    assert not nothing.exists()
+    code = train_py(
+        "--mode=eval",
+        f"--workdir={workdir}",
+        "--config.eval.iwae_samples=2",
+        "--config.data.eval_split=train",
+    )
+    assert not code, capsys.readouterr().err
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert (results["step"], results["iwae_samples"], results["eval_split"]) == (4, 2, "train")
+    assert (workdir / "config.json").read_bytes() == (trained / "config.json").read_bytes()
+
+
 @pytest.mark.multiprocess
 def test_one_run_per_workdir(trained, mock, train_py, capsys, tmp_path):
     """While ``python train.py`` trains a workdir, a second and a third run of it are refused
