@@ -7,10 +7,11 @@
 The default workdir is ``runs/<config.name>``. Training resumes automatically when the workdir
 holds a checkpoint. Any config field can be overridden as ``--config.<field>=<value>``; an
 unknown field is rejected with the list of valid ones. With ``--mode eval|sample`` and no
-``--config``, the workdir's ``config.json`` is used. The work is done in ``jaxvae.cli`` and
-``jaxvae.train_lib``. Several processes (``--coordinator_address host:port --num_processes N
---process_id i``, or srun / mpirun / a TPU slice, detected) join JAX's distributed runtime
-first: ``jaxvae.distributed``.
+``--config``, the workdir's ``config.json`` is used (``--config.eval.*`` and a few data
+fields may still be overridden: ``jaxvae.cli.INFERENCE_OVERRIDES``). The work is done in
+``jaxvae.cli`` and ``jaxvae.train_lib``. Several processes (``--coordinator_address
+host:port --num_processes N --process_id i``, or srun / mpirun / a TPU slice, detected) join
+JAX's distributed runtime first: ``jaxvae.distributed``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ _HEARTBEAT = flags.DEFINE_integer(
     distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
     "Seconds without a heartbeat after which a process counts as dead and the run stops.",
 )
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+    "join_timeout",
+    distributed.DEFAULT_JOIN_TIMEOUT_S,
+    "Seconds a process waits for all processes of the run to join; then it stops (exit 1).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -51,7 +57,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --config.x=1.")
     cli.quiet_logging()
     processes = distributed.Options(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        _HEARTBEAT.value,
+        _JOIN_TIMEOUT.value,
     )
     cli.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _CHECKPOINT.value, processes=processes)
 

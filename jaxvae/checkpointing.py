@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "test_neg_elbo"
+_METRICS_FILE = "metrics/metrics"  # orbax's JSON of the metrics saved with a checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -69,14 +70,36 @@ def create_manager(
         read_only=read_only,
         save_interval_steps=0 if read_only else 1,
     )
-    return ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=options,
-        # Handlers up front so a fresh manager can read metadata before any restore.
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data_iter": ocp.JsonCheckpointHandler(),
-        },
+    try:
+        return ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=options,
+            # Handlers up front so a fresh manager can read metadata before any restore.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data_iter": ocp.JsonCheckpointHandler(),
+            },
+        )
+    except Exception as e:  # noqa: BLE001 - any failure to list the checkpoints: one message
+        raise _unlistable_error(Path(directory), e) from e
+
+
+def _unlistable_error(directory: Path, cause: BaseException) -> CheckpointError:
+    """The message for checkpoints orbax cannot list, naming the damaged file where it is one
+    of the per-checkpoint metrics files that orbax reads to find the best checkpoint."""
+    for metrics in sorted(directory.glob(f"*/{_METRICS_FILE}")):
+        try:
+            json.loads(metrics.read_text())
+        except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+            step = metrics.parents[1]
+            return CheckpointError(
+                f"{metrics} (the evaluation metrics of checkpoint {step.name}, read to find the "
+                f"best checkpoint) is damaged. Nothing was changed; delete that checkpoint "
+                f"(rm -r {step}) to use the others, or restore the file from a copy."
+            )
+    return CheckpointError(
+        f"The checkpoints in {directory} could not be listed ({_root_cause(cause)}). Nothing "
+        "was changed; fix that folder or restore it from a copy, or use a fresh --workdir."
     )
 
 

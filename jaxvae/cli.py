@@ -23,7 +23,18 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from jaxvae import checkpointing, config_utils, distributed, input_pipeline, preemption, train_lib
+import jaxvae
+from jaxvae import (
+    checkpointing,
+    config_utils,
+    distributed,
+    input_pipeline,
+    preemption,
+    train_lib,
+    workdir_config,
+    workdir_files,
+    workdir_lock,
+)
 
 # Errors a user can fix; reported as one message and exit status 1, without a traceback.
 USER_ERRORS = (
@@ -32,6 +43,9 @@ USER_ERRORS = (
     train_lib.WorkdirMismatchError,
     train_lib.TrainingDivergedError,
     checkpointing.CheckpointError,
+    workdir_files.DamagedFileError,
+    workdir_lock.WorkdirBusyError,
+    distributed.ProcessMismatchError,
 )
 
 
@@ -41,35 +55,88 @@ def fail(message: str, status: int = 1) -> NoReturn:
     sys.exit(status)
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+# What --mode eval|sample may change on a workdir's own config.json (no --config): where the
+# data are, which split is evaluated and how, and the compute dtype. Any other field would
+# describe another training run than the one whose checkpoints are there.
+INFERENCE_OVERRIDES = (
+    "eval.",
+    "data.eval_split",
+    "data.data_dir",
+    "data.manual_dir",
+    "model.dtype",
+)
+_WORKDIR_CONFIG_FILE = Path(__file__).with_name("workdir_config.py")
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=value`` / ``--name value`` in ``argv`` (the last one wins)."""
+    value = None
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _workdir_config_flag(workdir: str, keys: Sequence[str]) -> str:
+    """``--config`` for ``--mode eval|sample`` without one: the workdir's ``config.json``,
+    checked here (absl would print a traceback), with only :data:`INFERENCE_OVERRIDES`."""
+    try:
+        saved = workdir_files.read_config(workdir)
+    except workdir_files.DamagedFileError as e:
+        fail(str(e))
+    if saved is None:
+        fail(
+            f"--workdir {workdir} holds no {workdir_files.CONFIG} (is it a trained run?); give "
+            "the config it was trained with: --config <file>.",
+            2,
+        )
+    refused = [f"--config.{k}" for k in keys if not k.startswith(INFERENCE_OVERRIDES)]
+    if refused:
+        fail(
+            f"{', '.join(refused)} would change the run whose checkpoints are in --workdir "
+            f"{workdir}; without --config, --mode eval|sample may set only "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in INFERENCE_OVERRIDES)}. "
+            "To evaluate another model, train it in its own --workdir.",
+            2,
+        )
+    try:
+        config_utils.check_override_keys(config_utils.from_dict(saved), keys)
+    except config_utils.ConfigError as e:
+        fail(str(e), 2)
+    return f"--config={_WORKDIR_CONFIG_FILE}:{workdir}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl ``flags_parser``: checks ``--config.<field>`` names, then parses ``argv``.
+    """absl ``flags_parser``: checks ``--config`` and its ``--config.<field>`` names, then
+    parses ``argv``.
+
+    The config file is loaded here first, so that a missing or broken one is one ``error:``
+    line rather than absl's traceback. ``--mode eval|sample --workdir W`` without ``--config``
+    uses W's ``config.json`` (with the overrides :data:`INFERENCE_OVERRIDES` allows).
 
     Every call starts from the flags' defaults, so calling the program twice in one process
     (tests, a notebook) does not carry flags over from the first call.
     """
     keys = config_utils.override_keys(argv)
-    if keys:
-        path = _config_path(argv)
-        if path is None:
-            fail(
-                "--config.<field> overrides need --config <file>: name the config the run was "
-                "trained with, e.g. --config configs/mnist.py --mode eval --workdir runs/mnist "
-                "--config.eval.iwae_samples=5000 (a workdir whose model differs is refused).",
-                2,
-            )
+    path = _flag_value(argv, "config")
+    workdir = _flag_value(argv, "workdir")
+    if path is not None:
         try:
             config_utils.check_override_keys(config_utils.load_config_file(path), keys)
         except config_utils.ConfigError as e:
             fail(str(e), 2)
+    elif _flag_value(argv, "mode") in ("eval", "sample") and workdir:
+        # Before the overrides: absl defines the --config.<field> flags when --config is parsed.
+        argv = [argv[0], _workdir_config_flag(workdir, keys), *argv[1:]]
+    elif keys:
+        fail(
+            "--config.<field> overrides need --config <file> (or, with --mode eval|sample, "
+            "--workdir of a trained run): e.g. --config configs/mnist.py "
+            "--config.batch_size=256.",
+            2,
+        )
     # config_flags defines a flag per --config.<field> each time --config is parsed: drop the
     # ones of an earlier call, and put every other flag back to its default.
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
@@ -84,9 +151,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 def resolve_config(
     config: ml_collections.ConfigDict | None, workdir: str | None, mode: str
 ) -> ml_collections.ConfigDict:
-    """``--config`` (with overrides), or for ``eval``/``sample`` the workdir's ``config.json``."""
-    if config is None and mode != "train" and workdir and (Path(workdir) / "config.json").exists():
-        config = config_utils.from_dict(json.loads((Path(workdir) / "config.json").read_text()))
+    """``--config`` (with overrides), or for ``eval``/``sample`` the workdir's ``config.json``.
+
+    Raises ``workdir_files.DamagedFileError`` for a damaged ``config.json``.
+    """
+    if config is None and mode != "train" and workdir:
+        if (Path(workdir) / workdir_files.CONFIG).exists():
+            config = workdir_config.get_config(workdir)
     if config is None:
         fail(
             "--config is required (e.g. --config configs/mnist.py); with --mode eval|sample, "
@@ -122,6 +193,22 @@ def quiet_logging() -> None:
     sys.unraisablehook = _drop_closed_loop_noise
 
 
+def _note_training_run(workdir: str, mode: str) -> None:
+    """Says so when a training run holds the workdir: eval and sample only read checkpoints,
+    which they may do meanwhile (the latest one may be newer by the time they finish)."""
+    try:
+        holder = workdir_lock.read_holder(workdir)
+    except workdir_lock.WorkdirBusyError:  # an unreadable lock: training reports it
+        return
+    if holder is not None and holder.alive() is not False and jax.process_index() == 0:
+        print(
+            f"note: {workdir} is being trained by another run ({holder.describe()}); this "
+            f"--mode {mode} reads its checkpoints as they are now.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(
     config: ml_collections.ConfigDict | None,
     workdir: str | None,
@@ -141,14 +228,26 @@ def main(
         distributed.initialize(processes)  # before anything queries devices
     except distributed.DistributedError as e:
         fail(str(e), 2)
-    config = resolve_config(config, workdir, mode)
-    workdir = workdir or str(Path("runs") / config.name)
     try:
+        config = resolve_config(config, workdir, mode)
+        workdir = workdir or str(Path("runs") / config.name)
+        # Processes started with different commands must not start one program.
+        distributed.check_same_settings(
+            {
+                "jaxvae version": jaxvae.__version__,
+                "--mode": mode,
+                "--workdir": workdir,
+                "--checkpoint": checkpoint,
+                "config": config_utils.to_dict(config),
+            }
+        )
         if mode == "train":
             out = json.dumps(train_lib.train_and_evaluate(config, workdir), indent=2)
         elif mode == "eval":
+            _note_training_run(workdir, mode)
             out = json.dumps(train_lib.evaluate_workdir(config, workdir, checkpoint), indent=2)
         else:
+            _note_training_run(workdir, mode)
             out = "\n".join(map(str, train_lib.sample_workdir(config, workdir, checkpoint)))
         if jax.process_index() == 0:  # one copy of the result, not one per process
             print(out)
@@ -165,4 +264,12 @@ def main(
         fail("interrupted; nothing was saved.", 130)
 
 
-__all__ = ["USER_ERRORS", "fail", "main", "parse_flags", "quiet_logging", "resolve_config"]
+__all__ = [
+    "INFERENCE_OVERRIDES",
+    "USER_ERRORS",
+    "fail",
+    "main",
+    "parse_flags",
+    "quiet_logging",
+    "resolve_config",
+]

@@ -106,14 +106,33 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Runs ``get_config()`` of a config file (``configs/mnist.py``) and returns its result."""
-    path = Path(str(path).split(":", 1)[0])
+    """Runs ``get_config()`` of a config file (``configs/mnist.py``) and returns its result.
+
+    ``file.py:arg`` calls ``get_config("arg")``, as ml_collections' ``--config`` flag does.
+    Raises :class:`ConfigError` (one message, no traceback to read) when the file is missing,
+    fails to run, has no ``get_config`` or returns something that is not a ConfigDict.
+    """
+    path, *arg = str(path).split(":", 1)
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"Config file {str(path)!r} {what} (e.g. --config configs/mnist.py).")
     spec = importlib.util.spec_from_file_location(f"_jaxvae_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"Config file {str(path)!r} defines no get_config().")
+        config = module.get_config(*arg)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's file: report whatever it raised
+        raise ConfigError(f"Config file {str(path)!r} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"get_config() of {str(path)!r} returned {type(config).__name__}, not a ConfigDict."
+        )
+    return config
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

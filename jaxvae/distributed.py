@@ -31,6 +31,12 @@ process* from its C++ runtime (exit by SIGABRT, status 134) with the fatal log l
 ``Terminating process because the JAX distributed service detected fatal errors. This most
 likely indicates that another task died``. JAX's own default, 100 s, is long for a training job.
 
+Joining is bounded as well: a process whose peers have not all joined after ``--join_timeout``
+seconds (default :data:`DEFAULT_JOIN_TIMEOUT_S`) stops with one ``error:`` line and status 1,
+from a watchdog thread (JAX itself would abort, with a C++ stack dump, when its
+``initialization_timeout`` passes; it is set 30 s later). Once joined, the processes compare
+what they were started with (:func:`check_same_settings`) before anything is written.
+
 On CPU, cross-process collectives need an implementation: ``gloo`` is selected (before
 ``initialize``) when the backend will be the CPU, i.e. ``JAX_PLATFORMS`` starts with ``cpu``,
 or no accelerator plugin is installed; a value set by the user (e.g. ``mpi``) is kept.
@@ -41,12 +47,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import inspect
+import json
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+DEFAULT_JOIN_TIMEOUT_S = 300
+# JAX's own deadline for joining comes this much after --join_timeout: when it passes, JAX's
+# C++ runtime aborts the process with a stack dump; the watchdog's one line must come first.
+_JAX_JOIN_GRACE_S = 30
 ENV_COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -71,6 +84,7 @@ class Options:
     num_processes: int | None = None
     process_id: int | None = None
     heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
+    join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +136,8 @@ def detect_cluster(environ: Mapping[str, str], on_cloud_tpu: bool) -> str | None
 def _check(o: Options) -> None:
     if o.heartbeat_timeout_s < 1:
         raise DistributedError(f"--heartbeat_timeout={o.heartbeat_timeout_s} must be >= 1 s.")
+    if o.join_timeout_s < 1:
+        raise DistributedError(f"--join_timeout={o.join_timeout_s} must be >= 1 s.")
     if o.num_processes is not None and o.num_processes < 1:
         raise DistributedError(f"--num_processes={o.num_processes} must be >= 1.")
     n = o.num_processes
@@ -140,7 +156,10 @@ def plan(options: Options, environ: Mapping[str, str], on_cloud_tpu: bool = Fals
     """Applies the module's rule to the flags and environment; raises DistributedError."""
     o = _with_environment(options, environ)
     _check(o)
-    heartbeat = {"heartbeat_timeout_seconds": o.heartbeat_timeout_s}
+    heartbeat = {
+        "heartbeat_timeout_seconds": o.heartbeat_timeout_s,
+        "initialization_timeout": o.join_timeout_s + _JAX_JOIN_GRACE_S,
+    }
     if o.num_processes == 1:
         return Plan(False, "--num_processes=1")
     cluster = detect_cluster(environ, on_cloud_tpu)
@@ -206,13 +225,19 @@ def initialize(options: Options | None = None, environ: Mapping[str, str] | None
         not jax.config.jax_cpu_collectives_implementation
     ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    kwargs = {k: v for k, v in p.kwargs.items() if k in accepted}  # older jax: fewer timeouts
+    join_timeout_s = p.kwargs["initialization_timeout"] - _JAX_JOIN_GRACE_S
+    watchdog = _give_up_after(join_timeout_s, _never_joined(p, join_timeout_s))
     try:
-        jax.distributed.initialize(**p.kwargs)
+        jax.distributed.initialize(**kwargs)
     except ValueError as e:  # JAX could not fill in what was not given
         raise DistributedError(
             f"jax.distributed.initialize failed ({e}); pass --coordinator_address, "
             "--num_processes and --process_id."
         ) from e
+    finally:
+        watchdog.cancel()
     print(
         f"Process {jax.process_index()} of {jax.process_count()} joined JAX's distributed "
         f"runtime ({p.reason}). If a process dies, JAX stops the others within about "
@@ -222,6 +247,46 @@ def initialize(options: Options | None = None, environ: Mapping[str, str] | None
         flush=True,
     )
     return p
+
+
+def _never_joined(p: Plan, seconds: int) -> str:
+    """What to say when the processes of ``p`` have not all joined after ``seconds``."""
+    n, i = p.kwargs.get("num_processes"), p.kwargs.get("process_id")
+    where = p.kwargs.get("coordinator_address", "the coordinator")
+    if i == 0:
+        return (
+            f"process 0 of {n} waited {seconds} s (--join_timeout) for the other processes to "
+            f"join it at {where}; nothing was written. Start all {n} processes with the same "
+            f"--coordinator_address (--process_id 0 to {n - 1}), or raise --join_timeout."
+        )
+    if i is not None:
+        return (
+            f"process {i} of {n} could not join process 0 at {where} within {seconds} s "
+            "(--join_timeout); nothing was written. Start process 0 (it listens at that "
+            "address), fix --coordinator_address, or raise --join_timeout."
+        )
+    return (
+        f"the processes of this run ({p.reason}) did not all join JAX's distributed runtime "
+        f"within {seconds} s (--join_timeout); nothing was written. Check that every process "
+        "started, or raise --join_timeout."
+    )
+
+
+def _give_up_after(seconds: float, message: str) -> threading.Timer:
+    """Ends the process with ``error: message`` (status 1) unless cancelled within ``seconds``.
+
+    ``jax.distributed.initialize`` blocks in C++ (without the GIL) while it waits for the
+    other processes, and JAX ends a wait that times out with an abort, not an exception.
+    """
+
+    def give_up() -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def sync_processes(name: str) -> None:
@@ -239,11 +304,77 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def allgather_texts(text: str) -> list[str]:
+    """Every process's ``text``, in process order (``[text]`` with one process)."""
+    import jax  # noqa: PLC0415
+
+    if jax.process_count() == 1:
+        return [text]
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+    padded = np.zeros(max(1, int(sizes.max())), np.uint8)  # one length for every process
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes.ravel(), strict=True)]
+
+
+class ProcessMismatchError(RuntimeError):
+    """The processes of one run were started with different settings; nothing was written."""
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_settings(settings: Mapping[str, Any]) -> None:
+    """Raises :class:`ProcessMismatchError` on every process unless all hold equal ``settings``.
+
+    ``settings`` (JSON-ready, nested dicts allowed) is what must agree for the processes to
+    run one program: the resolved config, the mode, the workdir, the jaxvae version. The
+    message names each field that differs and its value on each process.
+    """
+    texts = allgather_texts(json.dumps(_flatten(settings), sort_keys=True))
+    if len(set(texts)) == 1:
+        return
+    every = [json.loads(t) for t in texts]
+    diffs = []
+    for field in sorted(set().union(*every)):
+        where: dict[str, list[int]] = {}  # value -> processes holding it
+        for i, values in enumerate(every):
+            where.setdefault(json.dumps(values.get(field, "<missing>")), []).append(i)
+        if len(where) > 1:
+            diffs.append(
+                f"{field}: "
+                + ", ".join(
+                    f"{v} on process{'es' if len(p) > 1 else ''} {', '.join(map(str, p))}"
+                    for v, p in where.items()
+                )
+            )
+    raise ProcessMismatchError(
+        f"the {len(texts)} processes of this run were started with different settings, so they "
+        f"would not run one program: {'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}. "
+        "Nothing was written; start every process with the same command (and jaxvae version)."
+    )
+
+
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
+    "DEFAULT_JOIN_TIMEOUT_S",
     "DistributedError",
     "Options",
     "Plan",
+    "ProcessMismatchError",
+    "allgather_texts",
+    "check_same_settings",
     "cpu_backend_expected",
     "detect_cluster",
     "initialize",

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import jax
@@ -49,8 +50,13 @@ class StopSignal:
     ``stop.reached(step)`` after every step, in every process, with the step just completed.
     """
 
-    def __init__(self, multi_process: bool | None = None):
+    def __init__(
+        self, multi_process: bool | None = None, on_abort: Callable[[], None] | None = None
+    ):
+        """``on_abort`` runs before a second Ctrl-C ends the process (which skips every
+        ``finally``): e.g. releasing the workdir's lock."""
         self.multi_process = jax.process_count() > 1 if multi_process is None else multi_process
+        self.on_abort = on_abort
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -71,6 +77,8 @@ class StopSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             _write("\nerror: interrupted twice; aborted without saving a checkpoint.\n")
+            if self.on_abort is not None:
+                self.on_abort()
             os._exit(128 + signal.SIGINT)
         first = self.signum is None
         self.signum = signum

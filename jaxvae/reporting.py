@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,11 +18,17 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
+from jaxvae import workdir_files
+
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
+    """Writes ``obj`` as indented JSON atomically (temp file + rename).
+
+    The temporary file is named after the process, so that two processes writing the same
+    file (two evaluations of one workdir) do not write into each other's.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
@@ -34,14 +41,11 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | Path, start_step: int = 0, tensorboard: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
-        if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.path = Path(workdir) / workdir_files.METRICS
+        if self.path.exists():  # a damaged file raises workdir_files.DamagedFileError
+            records = workdir_files.read_jsonl(self.path)
+            kept = [r for r in records if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:

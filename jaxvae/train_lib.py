@@ -17,14 +17,14 @@ Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,11 @@ from jaxvae import (
     host_memory,
     input_pipeline,
     optim,
+    paths,
     preemption,
     reporting,
+    workdir_files,
+    workdir_lock,
 )
 from jaxvae import train_state as ts
 from jaxvae.mesh import make_mesh, replicated_sharding, shard_batch
@@ -128,13 +131,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
     workdir = Path(workdir)
     mesh = make_mesh()
     config_utils.validate(config, mesh.size)
-    if for_training:
-        _check_writable(workdir)
     info = input_pipeline.get_dataset_info(config.data)  # raises DatasetNotFoundError
 
-    config_path = workdir / "config.json"
-    if config_path.exists() and (workdir / "checkpoints").exists():
-        old = json.loads(config_path.read_text())
+    ckpt_dir = workdir / "checkpoints"
+    old = workdir_files.read_config(workdir)  # raises DamagedFileError
+    if for_training:
+        _check_metrics_history(workdir, ckpt_dir)
+    if old is not None and ckpt_dir.exists():
         new = config_utils.to_dict(config)
         diff = config_utils.model_config_diff(
             _without_compute_only(old), _without_compute_only(new)
@@ -161,7 +164,6 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
         config, tuple(info.image_shape), num_train_steps, steps_per_epoch, mesh
     )
     target = ts.abstract_state(programs.init_fn, mesh)
-    ckpt_dir = workdir / "checkpoints"
     manager = None
     if ckpt_dir.exists():
         # Read-only: inspecting a workdir must never change it.
@@ -173,6 +175,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
             manager.close()
             manager = None
     elif not for_training:
+        if (workdir / workdir_files.METRICS).exists():
+            raise checkpointing.CheckpointError(
+                f"{ckpt_dir} is missing, though {workdir} holds a trained run (its "
+                f"{workdir_files.METRICS}): the checkpoints were moved or deleted; put them back."
+            )
         raise checkpointing.CheckpointError(
             f"No checkpoints in {ckpt_dir}: train first "
             f"(python train.py --config <config> --workdir {workdir})."
@@ -181,19 +188,30 @@ def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training:
     return _Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
 
 
+def _check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:
+    """Refuses to train on a damaged ``metrics.jsonl``, or on one that records training whose
+    ``checkpoints/`` is gone: the run would start over and drop that record.
+
+    (A ``checkpoints/`` folder with no step in it is a run stopped before its first save; it
+    starts over as it should.)
+    """
+    path = workdir / workdir_files.METRICS
+    steps = [r["step"] for r in workdir_files.read_jsonl(path) if isinstance(r.get("step"), int)]
+    if steps and not ckpt_dir.exists():
+        raise checkpointing.CheckpointError(
+            f"{ckpt_dir} is missing, but {path} records training up to step {max(steps)}: the "
+            "checkpoints were moved or deleted, and training now would start over and drop "
+            "that record. Nothing was changed; put the checkpoints back, use a fresh --workdir, "
+            f"or move {path.name} away to start over in this one."
+        )
+
+
 def _check_writable(workdir: Path) -> None:
     """Refuses a workdir that is a file, or that cannot be written, before anything happens."""
-    if workdir.exists() and not workdir.is_dir():
+    reason = paths.not_writable_reason(workdir)
+    if reason is not None:
         raise config_utils.ConfigError(
-            f"--workdir {workdir} is a file, not a folder; choose another --workdir."
-        )
-    existing = workdir
-    while not existing.exists():  # the folder itself, or the ancestor it would be made in
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise config_utils.ConfigError(
-            f"--workdir {workdir} cannot be written ({existing} is not a writable folder); "
-            "choose a folder you can write to."
+            f"--workdir {workdir} cannot be written ({reason}); choose a folder you can write to."
         )
 
 
@@ -319,11 +337,50 @@ def train_and_evaluate(
     terminal, plain log lines otherwise. ``progress_bar=True`` asks for the bar whatever the
     stream (``tqdm.auto``: a widget in Jupyter/Colab), ``False`` for the log lines.
 
+    A workdir is trained by one run at a time: the run holds ``<workdir>/jaxvae.lock``
+    (:mod:`jaxvae.workdir_lock`; process 0 of several) and removes it when it ends.
+
     Raises (before writing anything): ``config_utils.ConfigError``,
     ``input_pipeline.DatasetNotFoundError``, :class:`WorkdirMismatchError`,
-    ``checkpointing.CheckpointError``.
+    ``checkpointing.CheckpointError``, ``workdir_lock.WorkdirBusyError``,
+    ``workdir_files.DamagedFileError``.
     """
-    s = _setup(config, workdir, for_training=True)
+    workdir = Path(workdir)
+    _check_writable(workdir)
+    with _workdir_lock(workdir) as release:
+        s = _setup(config, workdir, for_training=True)
+        return _train(s, progress_stream, progress_bar, release)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[Callable[[], None]]:
+    """Process 0 holds the workdir's lock for the run; every process learns whether it got it.
+
+    Yields the lock's release (nothing to do on other processes), for an exit that skips the
+    ``with`` (a second Ctrl-C).
+    """
+    lock, refusal = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirBusyError as e:
+            refusal = str(e)
+        except OSError as e:  # said on every process, which would otherwise wait for this one
+            refusal = f"--workdir {workdir}: its lock could not be taken ({type(e).__name__}: {e})."
+    refusal = distributed.allgather_texts(refusal)[0]  # process 0's outcome, on every process
+    if refusal:
+        raise workdir_lock.WorkdirBusyError(refusal)
+    try:
+        yield lock.release if lock else (lambda: None)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(
+    s: _Setup, progress_stream, progress_bar: bool | None, release_lock: Callable[[], None]
+) -> dict[str, Any]:
+    """The body of :func:`train_and_evaluate`, once the workdir is held and checked."""
     cfg = s.config
     workdir = s.workdir
     num_steps = s.num_train_steps
@@ -372,7 +429,7 @@ def train_and_evaluate(
     pending: list[dict[str, jax.Array]] = []
     window_start = start_step
     saved_step = latest  # the newest checkpoint known to hold finite values
-    stop = preemption.StopSignal()
+    stop = preemption.StopSignal(on_abort=release_lock)
     # Signals are handled until every save has been written (a second Ctrl-C aborts at once).
     with stop:
         try:
@@ -542,6 +599,8 @@ def evaluate_workdir(
     ``eval_results.json`` holds the latest evaluation; each one is also appended as a line to
     ``eval_history.jsonl``, so a quick re-evaluation never loses a long (K = 5000) one.
     """
+    history = Path(workdir) / workdir_files.EVAL_HISTORY
+    workdir_files.read_jsonl(history)  # a damaged history is refused, never appended to
     s, state, step = _restore_for_inference(config, workdir, which)
     try:
         eval_step = s.programs.eval_step
@@ -558,7 +617,7 @@ def evaluate_workdir(
         }
         if jax.process_index() == 0:  # every process computed the same (replicated) sums
             reporting.write_json(s.workdir / "eval_results.json", _finite(results))
-            with (s.workdir / "eval_history.jsonl").open("a") as f:
+            with history.open("a") as f:
                 f.write(json.dumps(_finite(results), sort_keys=True) + "\n")
     finally:
         checkpointing.close(s.manager)

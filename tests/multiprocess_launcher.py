@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -52,6 +53,25 @@ def confine_mock_fs_to_its_thread() -> None:
     test_utils.MockFs.__enter__ = owned_enter
     for name in _REDIRECTING:
         setattr(test_utils.MockFs, name, passthrough(getattr(test_utils.MockFs, name)))
+
+
+def hold_workdir_lock(workdir: Path) -> subprocess.Popen:
+    """A live process (not this one) holding ``workdir``'s lock, as a training run would.
+
+    The caller kills it (``.kill()``: SIGKILL, so the lock stays behind, stale).
+    """
+    code = (
+        "import sys, time; from jaxvae import workdir_lock; "
+        "workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    if proc.stdout.readline().strip() != "held":
+        proc.kill()
+        raise RuntimeError(f"the lock holder of {workdir} did not start")
+    return proc
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """When train.py joins JAX's distributed runtime: the rule of jaxvae.distributed, no processes."""
 
+import json
+
 import pytest
 
 from jaxvae import distributed
@@ -12,7 +14,12 @@ SLURM_STEP = {  # what srun sets in each task
     "SLURM_PROCID": "2",
     "SLURM_LOCALID": "0",
 }
-HEARTBEAT = {"heartbeat_timeout_seconds": distributed.DEFAULT_HEARTBEAT_TIMEOUT_S}
+# The timeouts passed to JAX: JAX's own deadline for joining comes after --join_timeout's (whose
+# watchdog says what happened in one line; JAX's deadline aborts with a C++ stack dump).
+HEARTBEAT = {
+    "heartbeat_timeout_seconds": distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "initialization_timeout": distributed.DEFAULT_JOIN_TIMEOUT_S + 30,
+}
 
 
 def test_a_plain_machine_never_joins():
@@ -34,13 +41,14 @@ def test_clusters_are_joined_with_no_arguments():
 
 
 def test_explicit_flags_and_environment():
-    p = plan(Options("10.0.0.2:1234", 2, 1, heartbeat_timeout_s=7), {})
+    p = plan(Options("10.0.0.2:1234", 2, 1, heartbeat_timeout_s=7, join_timeout_s=5), {})
     assert p.join and p.reason == "flags"
     assert p.kwargs == {
         "coordinator_address": "10.0.0.2:1234",
         "num_processes": 2,
         "process_id": 1,
         "heartbeat_timeout_seconds": 7,
+        "initialization_timeout": 35,
     }
     env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"}
     assert plan(Options(), env).kwargs["process_id"] == 2
@@ -59,6 +67,7 @@ def test_explicit_flags_and_environment():
         (Options(num_processes=0), {}, "--num_processes=0 must be >= 1"),
         (Options("localhost", 2, 0), {}, "must be host:port"),
         (Options(heartbeat_timeout_s=0), {}, "--heartbeat_timeout=0"),
+        (Options(join_timeout_s=0), {}, "--join_timeout=0 must be >= 1 s"),
         (Options(), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer"),
     ],
 )
@@ -81,3 +90,19 @@ def test_train_py_rejects_incomplete_process_flags(train_py, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "error: several processes need --coordinator_address" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_settings_that_differ_are_named_with_their_processes(monkeypatch):
+    """What every process says when the processes' settings differ (their texts as
+    ``allgather_texts`` would gather them from three processes); one process always agrees."""
+    distributed.check_same_settings({"config": {"batch_size": 16}})  # one process: nothing
+    mine = {"--mode": "train", "config": {"batch_size": 16, "model": {"latent_dim": 4}}}
+    other = {"--mode": "train", "config": {"batch_size": 32, "model": {"latent_dim": 4}}}
+    texts = [json.dumps(distributed._flatten(s), sort_keys=True) for s in (mine, other, mine)]
+    monkeypatch.setattr(distributed, "allgather_texts", lambda text: texts)
+    with pytest.raises(distributed.ProcessMismatchError) as e:
+        distributed.check_same_settings(mine)
+    message = str(e.value)
+    assert "the 3 processes of this run were started with different settings" in message
+    assert "config.batch_size: 16 on processes 0, 2, 32 on process 1." in message
+    assert "latent_dim" not in message and "--mode" not in message and "\n" not in message

@@ -545,9 +545,28 @@ def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monke
     assert x["mask"].tolist() == [True] * 7 + [False]
 
 
-def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="not a tensorflow-datasets dataset name"):
-        input_pipeline.get_dataset_info(data_config(name="mnist_but_misspelt"))
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("mnistt", ["Dataset mnistt not found", "Did you mean 'mnist'"]),
+        ("mnist:9.9.9", ["cannot be loaded at version 9.9.9, only: 3.0.1"]),
+        ("mnist/nope", ["BuilderConfig nope not found"]),
+    ],
+)
+def test_a_name_tfds_cannot_build_is_one_line(name, words):
+    """tfds's own messages list its whole catalog (hundreds of lines): the user sees one."""
+    with pytest.raises(tf_support.DataConfigError) as e:
+        input_pipeline.get_dataset_info(data_config(name=name))
+    message = str(e.value)
+    assert message.startswith(f"config.data.name={name!r} cannot be loaded") and "\n" not in message
+    for w in words:
+        assert w in message
+
+
+def test_a_data_dir_that_cannot_hold_the_dataset(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(tf_support.DataConfigError, match="is a file, not a folder"):
+        input_pipeline.get_dataset_info(data_config(data_dir=str(tmp_path / "file")))
 
 
 @pytest.mark.skipif(not REAL_MNIST_DIR.is_dir(), reason=f"no real MNIST files in {REAL_MNIST_DIR}")

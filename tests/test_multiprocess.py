@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -77,18 +77,28 @@ class Run:
     """The processes of one ``train.py`` run; process ``i`` logs to ``<workdir>.log<i>``."""
 
     def __init__(
-        self, workdir: Path, cache_dir: Path, *args: str, processes: int = 2, common: bool = True
+        self,
+        workdir: Path,
+        cache_dir: Path,
+        *args: str,
+        processes: int = 2,
+        common: bool = True,
+        own_args: Sequence[Sequence[str]] = (),
+        started: Sequence[int] | None = None,
     ):
-        """``common=False``: plain ``configs/tiny.py``, without this file's ``OVERRIDES``."""
-        self.workdir, self.logs = workdir, [Path(f"{workdir}.log{i}") for i in range(processes)]
+        """``common=False``: plain ``configs/tiny.py``, without this file's ``OVERRIDES``;
+        ``own_args[i]``: more arguments for process ``i``; ``started``: the processes to start
+        (default all; ``procs`` and ``logs`` hold those)."""
+        started = range(processes) if started is None else started
+        self.workdir, self.logs = workdir, [Path(f"{workdir}.log{i}") for i in started]
         port, devices = _free_port(), 8 // processes
         self.procs = []
-        for i, log in enumerate(self.logs):
+        for i, log in zip(started, self.logs, strict=True):
             join = ("--coordinator_address", f"localhost:{port}", "--num_processes")
             join += (str(processes), "--process_id", str(i))
             head = COMMON_ARGS if common else COMMON_ARGS[:2]
             argv = [sys.executable, str(LAUNCHER), *head, "--workdir", str(workdir)]
-            argv += [*args, *(join if processes > 1 else ())]
+            argv += [*args, *(own_args[i] if own_args else ()), *(join if processes > 1 else ())]
             with log.open("w") as out:
                 self.procs.append(
                     subprocess.Popen(
@@ -211,8 +221,10 @@ def test_two_processes_equal_one_process(reference, two_steps):
         metrics(workdir)[2]["train_loss"], metrics(reference)[2]["train_loss"], rtol=1e-5
     )
 
-    # One writer: one metrics line per step, one TensorBoard file, the usual outputs.
+    # One writer: one metrics line per step, one TensorBoard file, the usual outputs; process
+    # 0's workdir lock is gone.
     assert list(metrics(workdir)) == [2]
+    assert not (workdir / "jaxvae.lock").exists()
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
     results = json.loads((workdir / "results.json").read_text())
     assert (results["num_processes"], results["num_devices"], results["step"]) == (2, 8, 2)
@@ -287,3 +299,53 @@ def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
     assert latest is not None and latest >= 6 and latest == steps[-1], (latest, steps)
     state, _ = load_checkpoint(workdir, latest)
     assert int(state["step"]) == latest
+
+
+def test_processes_that_disagree_or_never_meet(tmp_path, cache_dir):
+    """Refused on every process before anything is written, with one line each: processes
+    started with different configs (a resumed field and a model field), a run whose workdir
+    another run holds (process 0 checks the lock, all refuse), and a process whose peers never
+    start (it gives up after --join_timeout instead of JAX's abort)."""
+    from multiprocess_launcher import hold_workdir_lock
+    from test_train_faults import snapshot
+
+    workdirs = {name: tmp_path / name / "wd" for name in ("disagree", "held", "alone")}
+    for workdir in workdirs.values():
+        workdir.mkdir(parents=True)
+        (workdir / "notes.txt").write_text("the user's own file\n")
+    holder = hold_workdir_lock(workdirs["held"])
+    before = {name: snapshot(w) for name, w in workdirs.items()}
+    mismatch = [
+        ("--config.batch_size=16",),
+        ("--config.batch_size=32", "--config.model.latent_dim=5"),
+    ]
+    runs = {
+        "disagree": Run(workdirs["disagree"], cache_dir, own_args=mismatch),
+        "held": Run(workdirs["held"], cache_dir),
+        "alone": Run(workdirs["alone"], cache_dir, "--join_timeout=3", started=[0]),
+    }
+    try:
+        t0 = time.monotonic()
+        codes = {name: [p.wait(timeout=240) for p in run.procs] for name, run in runs.items()}
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+        for run in runs.values():
+            run.kill()
+    for name, run in runs.items():
+        for i, code in enumerate(codes[name]):
+            log = run.log(i)
+            assert code == 1, f"{name} process {i}: exit {code}\n{log[-3000:]}"
+            assert log.count("error:") == 1 and "Traceback" not in log, log[-3000:]
+        assert snapshot(workdirs[name]) == before[name], name
+    for i in (0, 1):
+        assert (
+            "config.batch_size: 16 on process 0, 32 on process 1; config.model.latent_dim: 4 on "
+            "process 0, 5 on process 1. Nothing was written" in runs["disagree"].log(i)
+        )
+        assert f"is in use by another run (pid {holder.pid} on host " in runs["held"].log(i)
+    assert "process 0 of 2 waited 3 s (--join_timeout) for the other processes" in (
+        runs["alone"].log(0)
+    )
+    assert elapsed < 120, f"took {elapsed:.0f} s"

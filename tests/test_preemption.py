@@ -7,14 +7,17 @@ the signal reaches only one of them and both must stop at the same step.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from test_multiprocess import Run, _wait_for_line, load_checkpoint
+from test_multiprocess import ROOT, Run, _wait_for_line, load_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
@@ -68,6 +71,7 @@ def test_sigterm_saves_the_step_and_resumes_exactly(uninterrupted, tmp_path_fact
     assert 3 <= step < STEPS
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(step)]
     assert not (workdir / "results.json").exists()
+    assert not (workdir / "jaxvae.lock").exists()  # the workdir is free for the rerun
 
     Run(workdir, cache_dir, *ARGS, processes=1).wait()  # the same command again
     uninterrupted.wait()
@@ -98,3 +102,29 @@ def test_two_processes_stop_at_the_same_step(tmp_path_factory, cache_dir):
     got, _ = load_checkpoint(workdir, STEPS)
     want, _ = load_checkpoint(full.workdir, STEPS)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_second_ctrl_c_releases_the_workdir_lock(tmp_path):
+    """A second Ctrl-C ends the process at once, skipping every ``finally``: the run's workdir
+    lock is removed first (no stale lock for the next run to take over)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from jaxvae import preemption, workdir_lock\n"
+        "lock = workdir_lock.acquire(sys.argv[1])\n"
+        "with preemption.StopSignal(multi_process=False, on_abort=lock.release):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    workdir = tmp_path / "wd"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(workdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "interrupted twice; aborted without saving a checkpoint" in proc.stderr
+    assert not workdir.exists()  # lock and the folder made for it: gone

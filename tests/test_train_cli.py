@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 
@@ -72,3 +74,26 @@ def test_eval_mode_without_checkpoint(capsys, tmp_path, train_py):
         code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={wd}", "--mode=eval")
     assert code == 1 and "No checkpoints in" in err and "train first" in err
     assert list(wd.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "does not exist"),
+        ("def get_config(:\n", "failed: SyntaxError"),
+        ("x = 1\n", "defines no get_config()"),
+        ("def get_config():\n    return 1 / 0\n", "failed: ZeroDivisionError: division by zero"),
+        ("def get_config():\n    return {}\n", "returned dict, not a ConfigDict"),
+    ],
+    ids=["missing", "syntax error", "no get_config", "get_config raises", "not a ConfigDict"],
+)
+def test_a_config_file_that_cannot_be_used(capsys, tmp_path, train_py, content, words):
+    """One line naming the file (absl's own loader would print a traceback); nothing made."""
+    path = tmp_path / "my_config.py"
+    if content is not None:
+        path.write_text(content)
+    wd = tmp_path / "wd"
+    code, err = run_cli(train_py, capsys, "--config", str(path), f"--workdir={wd}")
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert repr(str(path)) in err and words in err, err
+    assert not wd.exists()

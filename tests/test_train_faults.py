@@ -6,9 +6,11 @@ workdir byte-identical; a diverged run must leave no non-finite value on disk an
 result.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,6 +91,8 @@ BAD_INPUTS = [
     (["--config.name=a/b"], ["config.name='a/b'"]),
     (["--config.batch_size=abc"], ["batch_size"]),
     (["--config.batch_sise=16"], ["Unknown config key 'batch_sise'"]),
+    (["--config.data.name=mnistt"], ["config.data.name='mnistt'", "Did you mean 'mnist'"]),
+    (["--config.data.name=mnist:9.9.9"], ["config.data.name='mnist:9.9.9'", "version 9.9.9"]),
 ]
 
 
@@ -98,10 +102,172 @@ def test_bad_input_is_refused_before_anything(trained, mock, train_py, capsys, o
     code = train_py("--config", TINY, f"--workdir={trained}", *overrides)
     err = capsys.readouterr().err
     assert code not in (0, None), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("error:") == 1, err
     for w in words:
         assert w in err, err
     assert snapshot(trained) == before
+
+
+def _cut_short(path: Path, keep: int = -7) -> None:
+    """``path`` without its last bytes, as a full disk or a killed copy leaves it."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _damage_eval_history(workdir: Path) -> None:
+    (workdir / "eval_history.jsonl").write_text('{"step": 4, "test_neg_elbo": 5\n{"step": 4, "c\n')
+
+
+def _lock_of_another_host(workdir: Path) -> None:
+    from jaxvae import workdir_lock
+
+    holder = dataclasses.replace(workdir_lock.Holder.this_process(), host="another-host.example")
+    (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(dataclasses.asdict(holder)))
+
+
+TRAIN = ("--config", TINY)
+EVAL = ("--config", TINY, "--mode=eval")
+DAMAGED = [
+    # (what is damaged, how, train.py arguments, words the single error message must contain)
+    ("config.json", lambda w: _cut_short(w / "config.json"), TRAIN, ["config.json is damaged"]),
+    (  # no --config: the workdir's config.json is the config
+        "config.json, eval",
+        lambda w: _cut_short(w / "config.json"),
+        ("--mode=eval",),
+        ["config.json is damaged: it is not valid JSON", "rm "],
+    ),
+    (
+        "metrics.jsonl",
+        lambda w: _cut_short(w / "metrics.jsonl"),
+        TRAIN,
+        ["metrics.jsonl is damaged: line 2 is not valid JSON", "sed -i '2d'"],
+    ),
+    (
+        "checkpoints/ gone",
+        lambda w: shutil.rmtree(w / "checkpoints"),
+        TRAIN,
+        ["checkpoints is missing", "records training up to step 4", "start over"],
+    ),
+    (
+        "checkpoints/ gone, eval",
+        lambda w: shutil.rmtree(w / "checkpoints"),
+        EVAL,
+        ["checkpoints is missing", "put them back"],
+    ),
+    (
+        "checkpoint metrics",
+        lambda w: _cut_short(w / "checkpoints" / "4" / "metrics" / "metrics"),
+        (*EVAL, "--checkpoint=best"),
+        ["checkpoints/4/metrics/metrics (the evaluation metrics of checkpoint 4", "rm -r "],
+    ),
+    (
+        "eval_history.jsonl",
+        _damage_eval_history,
+        EVAL,
+        ["eval_history.jsonl is damaged: line 1", "sed -i '1d'"],
+    ),
+    (
+        "lock of another host",
+        _lock_of_another_host,
+        TRAIN,
+        ["in use by a run on another host", "cannot be checked from here", "rm "],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "damage, args, words", [d[1:] for d in DAMAGED], ids=[d[0] for d in DAMAGED]
+)
+def test_damaged_workdir_is_refused(trained, mock, train_py, capsys, tmp_path, damage, args, words):
+    """A damaged or inconsistent workdir: exit status 1 and one line naming the file and what
+    to do; nothing in the workdir changes."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    damage(workdir)
+    before = snapshot(workdir)
+    code = train_py(*args, f"--workdir={workdir}")
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for w in words:
+        assert w in err, err
+    assert snapshot(workdir) == before
+
+
+def test_eval_and_sample_from_the_workdir_config(trained, mock, train_py, capsys, tmp_path):
+    """--mode eval|sample without --config use the workdir's config.json, with --config.eval.*
+    and data-split overrides; an override that would change the trained run is refused."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+    code = train_py(
+        "--mode=sample", f"--workdir={workdir}", "--config.model.latent_dim=5", "--config.seed=3"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "--config.model.latent_dim, --config.seed would change the run" in err
+    assert snapshot(workdir) == before
+    nothing = tmp_path / "nothing"
+    assert train_py("--mode=eval", f"--workdir={nothing}", "--config.eval.iwae_samples=2") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"--workdir {nothing} holds no config.json" in err, err
+    assert not nothing.exists()
+    code = train_py(
+        "--mode=eval",
+        f"--workdir={workdir}",
+        "--config.eval.iwae_samples=2",
+        "--config.data.eval_split=train",
+    )
+    assert not code, capsys.readouterr().err
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert (results["step"], results["iwae_samples"], results["eval_split"]) == (4, 2, "train")
+    assert (workdir / "config.json").read_bytes() == (trained / "config.json").read_bytes()
+
+
+@pytest.mark.multiprocess
+def test_one_run_per_workdir(trained, mock, train_py, capsys, tmp_path):
+    """While ``python train.py`` trains a workdir, a second and a third run of it are refused
+    with one line naming the first (which goes on untouched) and --mode eval may read it; after
+    SIGKILL, the lock it left is recognised as stale and the next run resumes."""
+    from test_multiprocess import Run, _wait_for_line
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    lock = workdir / "jaxvae.lock"
+    never = [  # trains on and writes nothing more once started
+        f"--config.{k}=100000"
+        for k in (
+            "num_train_steps",
+            "log_every_steps",
+            "eval_every_steps",
+            "checkpoint_every_steps",
+        )
+    ]
+    run = Run(workdir, tmp_path / "xla_cache", *never, processes=1, common=False)
+    first = run.procs[0].pid
+    try:
+        _wait_for_line(run, "Training tiny on", timeout=240)
+        before = snapshot(workdir)
+        for _ in range(2):
+            code = train_py("--config", TINY, f"--workdir={workdir}", *never)
+            err = capsys.readouterr().err
+            assert code == 1, err
+            assert err.count("error:") == 1 and "Traceback" not in err, err
+            assert f"--workdir {workdir} is in use by another run (pid {first} on host " in err
+        assert snapshot(workdir) == before
+        assert run.procs[0].poll() is None  # the first run trains on
+        code = train_py(*EVAL, f"--workdir={workdir}", "--config.eval.iwae_samples=2")
+        err = capsys.readouterr().err
+        assert not code, err
+        assert f"{workdir} is being trained by another run (pid {first} on host " in err
+    finally:
+        run.kill()  # SIGKILL
+    assert lock.exists()
+    code = train_py("--config", TINY, f"--workdir={workdir}", "--config.num_train_steps=6")
+    err = capsys.readouterr().err
+    assert not code, err
+    assert f"took over {lock} from a run that no longer runs (pid {first} on host " in err
+    assert "Resumed from" in err and "at step 4" in err
+    assert not lock.exists()
 
 
 def test_workdir_that_is_a_file(mock, train_py, capsys, tmp_path):

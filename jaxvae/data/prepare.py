@@ -14,13 +14,16 @@
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import os
 import struct
 import zlib
 from typing import Any
 
+from jaxvae import paths
 from jaxvae.data import tf_support
+from jaxvae.data.tf_support import DataConfigError
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -107,19 +110,36 @@ def check_manual_dir(builder: Any, manual_dir: str) -> None:
     raise DatasetNotFoundError(f"{why}\n{instructions(builder, missing, manual_dir)}")
 
 
+def _unknown_dataset(tfds: Any, name: str, cause: BaseException) -> DataConfigError:
+    """The one-line message for a name tfds cannot build (its own messages run to hundreds of
+    lines: the whole catalog), with the closest catalog names."""
+    base = name.split("/")[0].split(":")[0]
+    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False))
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close and base not in close else ""
+    why = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300].rstrip(".")
+    return DataConfigError(
+        f"config.data.name={name!r} cannot be loaded by tensorflow-datasets ({why}).{hint} "
+        "Use a catalog name such as 'mnist', 'fashion_mnist', 'binarized_mnist', 'cifar10' or "
+        "'celeb_a' (set it with --config.data.name=...)."
+    )
+
+
 def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None) -> Any:
-    """A tfds builder whose data are prepared (see the module docstring); ValueError for a
-    name tfds does not know."""
+    """A tfds builder whose data are prepared (see the module docstring); DataConfigError for
+    a name tfds cannot build, or a ``data_dir`` that cannot hold the prepared dataset."""
     tfds = tf_support.import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"config.data.name={name!r} is not a tensorflow-datasets dataset name "
-            "(e.g. 'mnist', 'fashion_mnist', 'binarized_mnist', 'cifar10', 'celeb_a')."
-        ) from e
+    except (ValueError, AssertionError) as e:  # unknown name, builder config or version
+        raise _unknown_dataset(tfds, name, e) from e
     if builder.is_prepared():
         return builder
+    reason = paths.not_writable_reason(data_dir) if data_dir else None
+    if reason is not None:
+        raise DataConfigError(
+            f"config.data.data_dir={data_dir} cannot hold the prepared {name} ({reason}); set "
+            "--config.data.data_dir to a folder you can write to, or to one where it is prepared."
+        )
     manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
     if manual_dir:
         check_manual_dir(builder, manual_dir)
