@@ -45,8 +45,6 @@ or no accelerator plugin is installed; a value set by the user (e.g. ``mpi``) is
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import importlib.util
 import inspect
 import json
 import os
@@ -54,6 +52,8 @@ import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
+
+from jaxvae import backend
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 DEFAULT_JOIN_TIMEOUT_S = 300
@@ -193,21 +193,6 @@ def _on_cloud_tpu() -> bool:
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def _accelerator_plugin_installed() -> bool:
-    """A GPU/TPU PJRT plugin (entry point ``jax_plugins``, or libtpu) is installed."""
-    if list(importlib.metadata.entry_points(group="jax_plugins")):
-        return True
-    return any(importlib.util.find_spec(m) is not None for m in ("libtpu", "jax_plugins"))
-
-
-def cpu_backend_expected(platforms: str | None) -> bool:
-    """True when JAX will compute on the CPU: ``platforms`` (``JAX_PLATFORMS``) starts with
-    ``cpu``, or it is unset and no accelerator plugin is installed."""
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    return not _accelerator_plugin_installed()
-
-
 def initialize(options: Options | None = None, environ: Mapping[str, str] | None = None) -> Plan:
     """Joins JAX's distributed runtime if the module's rule says so; returns the plan.
 
@@ -221,9 +206,8 @@ def initialize(options: Options | None = None, environ: Mapping[str, str] | None
     p = plan(options or Options(), environ, _on_cloud_tpu())
     if not p.join or jax.distributed.is_initialized():  # joined already: a second run
         return p
-    if cpu_backend_expected(jax.config.jax_platforms) and (
-        not jax.config.jax_cpu_collectives_implementation
-    ):
+    on_cpu = not backend.accelerator_expected({"JAX_PLATFORMS": jax.config.jax_platforms or ""})
+    if on_cpu and not jax.config.jax_cpu_collectives_implementation:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     accepted = inspect.signature(jax.distributed.initialize).parameters
     kwargs = {k: v for k, v in p.kwargs.items() if k in accepted}  # older jax: fewer timeouts
@@ -375,7 +359,6 @@ __all__ = [
     "ProcessMismatchError",
     "allgather_texts",
     "check_same_settings",
-    "cpu_backend_expected",
     "detect_cluster",
     "initialize",
     "plan",

@@ -18,56 +18,27 @@ before importing jax. Library users who start Python themselves (a notebook) can
 It is skipped (the process just continues) when: not Linux, not glibc >= 2.35, transparent
 huge pages are ``never`` (nothing to ask for), ``GLIBC_TUNABLES`` already sets
 ``glibc.malloc.hugetlb`` (the user decided; this is also what stops a second re-exec), the
-environment variable ``JAXVAE_HUGEPAGES=0`` opts out, or the process is going to compute on an
-accelerator (:func:`accelerator_hint`: the measured gain is a CPU one, and a GPU/TPU process
-stays exactly as it was started). :func:`reexec_with_hugepages` also never re-executes a
-process whose command line cannot simply be run again: an IPython/Jupyter kernel (that would
-kill the kernel), an interactive interpreter, ``python -c`` or a script read from stdin.
-
-Accelerators are recognised from cheap signals, without importing jax: ``JAX_PLATFORMS``
-(whose first entry decides: ``cpu`` means CPU whatever else is installed), a JAX
-accelerator plugin on ``sys.path`` (``libtpu``, ``jax_cuda12_plugin``, ``jax_cuda13_plugin``,
-``jax_rocm*_plugin``, any module in the ``jax_plugins`` namespace package or ``jax_plugins``
-entry point, which is how jax finds its PJRT plugins), the device nodes of an NVIDIA GPU
-(``/dev/nvidia0``) or a TPU (``/dev/accel0``, VFIO groups in ``/dev/vfio``), and the variables
-of a TPU VM or Colab TPU (``TPU_NAME``, ``TPU_ACCELERATOR_TYPE``, ``TPU_WORKER_HOSTNAMES``,
-``COLAB_TPU_ADDR``, ``TPU_LIBRARY_PATH``; ``PJRT_NAMES_AND_LIBRARY_PATHS`` for any PJRT plugin).
-A GPU or a plugin without the other (a CPU-only jax on a GPU box) counts too: erring that way
-only forgoes a CPU speed-up, which ``JAX_PLATFORMS=cpu`` or an exported
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` restores. This module imports nothing heavy.
+environment variable ``JAXVAE_HUGEPAGES=0`` opts out, or JAX is going to compute on an
+accelerator (``jaxvae.backend.accelerator_expected``: the gain is a CPU one, and a GPU/TPU
+process stays exactly as it was started). :func:`reexec_with_hugepages` also never re-executes
+a process whose command line cannot simply be run again: an IPython/Jupyter kernel (that would
+kill the kernel), an interactive interpreter, ``python -c`` or a script read from stdin. This
+module imports nothing heavy.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pkgutil
 import platform
-import re
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
+
+from jaxvae import backend
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT_VAR = "JAXVAE_HUGEPAGES"
 _THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-# Set on Cloud TPU VMs and Colab TPU runtimes, or point jax at a TPU / PJRT plugin library.
-ACCELERATOR_ENV_VARS = (
-    "TPU_NAME",
-    "TPU_ACCELERATOR_TYPE",
-    "TPU_WORKER_HOSTNAMES",
-    "COLAB_TPU_ADDR",
-    "TPU_LIBRARY_PATH",
-    "PJRT_NAMES_AND_LIBRARY_PATHS",
-)
-# Top-level modules of JAX's accelerator plugins (libtpu for TPUs; the CUDA/ROCm PJRT plugins).
-_PLUGIN_MODULE = re.compile(r"libtpu|libtpu_nightly|jax_cuda\d+_plugin|jax_rocm\d*_plugin")
-# An NVIDIA GPU; a TPU (v4 and later: accel; v5e and v6e VMs: VFIO groups, /dev/vfio/<n>,
-# beside the /dev/vfio/vfio container node that any host may have). Not /dev/kfd: laptops with
-# an AMD integrated GPU have it too; a ROCm JAX shows as its plugin.
-_DEVICE_NODES = ("/dev/nvidia0", "/dev/accel0")
-_VFIO = "/dev/vfio"
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -95,80 +66,6 @@ def _tunables(environ: Mapping[str, str]) -> list[str]:
     return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
-def _installed_plugin_modules() -> set[str]:
-    """Names of JAX accelerator plugin modules importable here (no module is imported).
-
-    The top-level modules on ``sys.path`` that match the known plugins (listed by name:
-    ``jax_cuda12_plugin`` is a directory without ``__init__.py``, which ``pkgutil`` skips),
-    the modules in the ``jax_plugins`` namespace package and the ``jax_plugins`` entry points:
-    the places where ``jax._src.xla_bridge.discover_pjrt_plugins`` looks.
-    """
-    found = set()
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:  # a zip file, a missing folder
-            continue
-        found |= {n.split(".")[0] for n in names if _PLUGIN_MODULE.fullmatch(n.split(".")[0])}
-    try:
-        spec = importlib.util.find_spec("jax_plugins")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        found |= {
-            f"jax_plugins.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)
-        }
-    try:
-        from importlib.metadata import entry_points
-
-        found |= {ep.value for ep in entry_points(group="jax_plugins")}
-    except Exception:  # a broken distribution's metadata must not stop the program
-        pass
-    return found
-
-
-def _vfio_groups(path: str = _VFIO) -> list[str]:
-    try:
-        return [n for n in os.listdir(path) if n != "vfio"]
-    except OSError:
-        return []
-
-
-def accelerator_hint(
-    environ: Mapping[str, str],
-    *,
-    plugins: Collection[str] | None = None,
-    exists: Callable[[str], bool] | None = None,
-    vfio_groups: Collection[str] | None = None,
-) -> str | None:
-    """Why this process is going to use a GPU/TPU (a short phrase), or ``None`` for CPU.
-
-    Decided without importing jax (see the module docstring). ``JAX_PLATFORMS`` wins when set:
-    its first entry is the default backend, so ``cpu`` (or ``cpu,cuda``) means CPU even on a
-    GPU host, and anything else (``cuda``, ``tpu``, ``rocm``, ...) means an accelerator.
-    ``plugins`` (installed plugin module names), ``exists`` (device node test) and
-    ``vfio_groups`` (entries of ``/dev/vfio``) default to this machine's; tests pass them.
-    """
-    platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        first = platforms.split(",")[0].strip()
-        return None if first == "cpu" else f"JAX_PLATFORMS={platforms}"
-    for var in ACCELERATOR_ENV_VARS:
-        if environ.get(var):
-            return f"{var} is set"
-    exists = os.path.exists if exists is None else exists
-    for node in _DEVICE_NODES:
-        if exists(node):
-            return f"{node} exists"
-    groups = _vfio_groups() if vfio_groups is None else vfio_groups
-    if groups:
-        return f"VFIO device groups in {_VFIO}"
-    plugins = _installed_plugin_modules() if plugins is None else plugins
-    if plugins:
-        return f"JAX plugin installed: {', '.join(sorted(plugins))}"
-    return None
-
-
 def hugepage_environ(
     environ: Mapping[str, str],
     *,
@@ -180,8 +77,8 @@ def hugepage_environ(
     """The environment to re-execute with, or ``None`` when nothing should change.
 
     ``system``, ``glibc``, ``thp_mode`` and ``accelerator`` default to this machine's
-    (``platform.system()``, the glibc version, the transparent-huge-page mode, whether
-    :func:`accelerator_hint` finds a GPU/TPU); tests pass them explicitly.
+    (``platform.system()``, the glibc version, the transparent-huge-page mode,
+    ``jaxvae.backend.accelerator_expected``); tests pass them explicitly.
     """
     if environ.get(OPT_OUT_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -194,7 +91,7 @@ def hugepage_environ(
     if system != "Linux" or glibc is None or glibc < (2, 35) or thp_mode in (None, "never"):
         return None
     if accelerator is None:
-        accelerator = accelerator_hint(environ) is not None
+        accelerator = backend.accelerator_expected(environ)
     if accelerator:
         return None
     env = dict(environ)

@@ -77,13 +77,6 @@ def test_inconsistent_settings_say_what_to_pass(options, env, words):
     assert words in str(e.value)
 
 
-def test_cpu_collectives_only_for_the_cpu_backend():
-    assert distributed.cpu_backend_expected("cpu")
-    assert distributed.cpu_backend_expected("cpu,tpu")
-    assert not distributed.cpu_backend_expected("tpu,cpu")
-    assert not distributed.cpu_backend_expected("cuda")
-
-
 def test_train_py_rejects_incomplete_process_flags(train_py, capsys, tmp_path):
     code = train_py("--config", "configs/tiny.py", "--workdir", str(tmp_path), "--num_processes=2")
     assert code == 2
