@@ -4,7 +4,7 @@ Times ``grad`` of ``sum(layer(x) * g)`` w.r.t. (x, kernel) for every strided lay
 the seed architecture (64x64x3 input, hidden dims 32..512), for each conv formulation,
 so one can see which layers bound the training step.
 
-    python benchmarks/layer_profile.py --batch-size 64 --impls xla subpixel
+    python benchmarks/layer_profile.py --batch-size 64 --impls xla gemm
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def time_fn(fn, args, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--impls", nargs="+", default=["xla", "subpixel", "gemm"])
+    p.add_argument("--impls", nargs="+", default=["xla", "gemm"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", type=int, nargs="*", help="indices of the layers to time (all)")
     args = p.parse_args()

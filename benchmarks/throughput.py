@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--conv-impl",
         nargs="+",
         default=["auto"],
-        help="jaxvae.layers impl(s): auto | xla | subpixel | gemm",
+        help="jaxvae.layers impl(s): auto | xla | gemm",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--windows", type=int, default=5)

@@ -25,11 +25,6 @@ in outputs and gradients against a NumPy transcription of PyTorch's formulas):
 - ``"xla"``: one ``lax`` convolution (stride 2; transposed: input dilation 2). On CPU the
   gradients are convolutions over zero-dilated arrays, and weight gradients are
   convolutions whose "kernel" is a whole activation: XLA's CPU backend runs both slowly.
-- ``"subpixel"``: stride-1 convolutions only. ``Conv3x3Stride2`` becomes space-to-depth
-  (2x2 blocks) followed by a 2x2 stride-1 convolution whose kernel ``[2, 2, 4 C_in, C_out]``
-  is the 3x3 kernel scattered into the 2x2 phases. ``ConvTranspose3x3Stride2`` becomes a
-  2x2 stride-1 convolution to ``4 C_out`` channels (one group per output phase) followed
-  by depth-to-space. 16 multiply-adds per output instead of 9 (7 by zero).
 - ``"gemm"``: no convolution op at all. im2col (9 strided slices) + one GEMM for the
   strided conv; one GEMM ``x @ kernel -> [.., 9 C_out]`` + col2im (phase sums) for the
   transposed conv; exactly 9 multiply-adds per output. The weight gradients are GEMMs
@@ -38,10 +33,12 @@ in outputs and gradients against a NumPy transcription of PyTorch's formulas):
   (see ``_taps``), so the backward pass has no scatter. ``Conv3x3`` uses the output-side
   GEMM when ``C_out < C_in`` (the VAE's 32 -> 3 last layer) and XLA's conv otherwise.
 - ``"auto"`` (default): ``"gemm"`` when ``jax.default_backend() == "cpu"``, otherwise
-  ``"xla"``. On CPU ``"gemm"`` is the fastest of the three (``benchmarks/README.md`` has the
-  measurements). GPU/TPU: cuDNN and the TPU compiler implement strided and transposed
-  convolutions natively, while im2col would multiply the activation memory traffic by 9, so
-  the native op is kept there. The choice is made at trace time.
+  ``"xla"``. On CPU ``"gemm"`` is the faster of the two (``benchmarks/README.md`` has the
+  measurements; a third formulation, space-to-depth with stride-1 convolutions, was measured
+  there and dropped: it was slower than ``"gemm"`` and used by nothing). GPU/TPU: cuDNN and
+  the TPU compiler implement strided and transposed convolutions natively, while im2col would
+  multiply the activation memory traffic by 9, so the native op is kept there. The choice is
+  made at trace time.
 
 Rearranged kernels are built from the same ``kernel`` parameter inside the traced function
 (reshapes, slices, pads, concatenations), so gradients flow to the same parameter tree.
@@ -67,7 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("auto", "xla", "subpixel", "gemm")
+IMPLS = ("auto", "xla", "gemm")
 
 
 def resolve_impl(impl: str) -> str:
@@ -104,41 +101,6 @@ def conv3x3_stride2_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     x: [N, H, W, Ci], kernel: [3, 3, Ci, Co] -> [N, ceil(H/2), ceil(W/2), Co].
     """
     return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN)
-
-
-def _s2d_kernel(kernel: jax.Array) -> jax.Array:
-    """[3, 3, Ci, Co] -> [2, 2, 4 Ci, Co] for a 2x2 conv over space-to-depth blocks.
-
-    Tap ``a`` of the 3x3 kernel (row offset from the top-left of the padded window)
-    lands at block offset ``a // 2`` and in-block phase ``a % 2``; tap 3 does not
-    exist and is zero. Channel order of the result is (row phase, col phase, Ci).
-    """
-    ci, co = kernel.shape[2], kernel.shape[3]
-    k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # [4, 4, Ci, Co]
-    k = k.reshape(2, 2, 2, 2, ci, co)  # [block_r, phase_r, block_c, phase_c, Ci, Co]
-    return k.transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * ci, co)
-
-
-def _space_to_depth(x: jax.Array) -> jax.Array:
-    """[N, 2h, 2w, C] -> [N, h, w, 4C], channel order (row phase, col phase, C)."""
-    n, h2, w2, c = x.shape
-    x = x.reshape(n, h2 // 2, 2, w2 // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h2 // 2, w2 // 2, 4 * c)
-
-
-def conv3x3_stride2_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Same function as :func:`conv3x3_stride2_xla` with stride-1 convolutions only.
-
-    Output pixel ``i`` reads padded rows ``2i .. 2i+2``, i.e. blocks ``i`` and ``i+1``
-    of the 2x2 space-to-depth image; so the input is padded by 1 at the top/left and
-    up to ``2 * ceil(H/2) + 2`` rows at the bottom/right (2 rows for odd H, as torch's
-    padding would read only one of them and the other multiplies a zero tap).
-    """
-    _, h, w, _ = x.shape
-    ho, wo = -(-h // 2), -(-w // 2)
-    xp = jnp.pad(x, ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0)))
-    xs = _space_to_depth(xp)  # [N, ho + 1, wo + 1, 4 Ci]
-    return lax.conv_general_dilated(xs, _s2d_kernel(kernel), (1, 1), "VALID", dimension_numbers=_DN)
 
 
 def _dot_channels(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -286,51 +248,6 @@ def conv_transpose3x3_stride2_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-def _phase_taps(k: jax.Array, axis: int) -> jax.Array:
-    """Rearranges the 3 taps along ``axis`` into [block offset (2), output phase (2)].
-
-    torch: ``y[o] = sum_{i, a: o = 2i + a - 1} x[i] w[a]``. Even outputs ``o = 2m``
-    take ``x[m] w[1]``; odd outputs ``o = 2m + 1`` take ``x[m] w[2] + x[m+1] w[0]``.
-    So (block 0, phase 0) = w[1], (block 1, phase 0) = 0, (block 0, phase 1) = w[2],
-    (block 1, phase 1) = w[0].
-    """
-    tap = lambda a: lax.index_in_dim(k, a, axis, keepdims=True)
-    zero = jnp.zeros_like(tap(0))
-    block0 = jnp.concatenate([tap(1), tap(2)], axis=axis)  # phases 0, 1
-    block1 = jnp.concatenate([zero, tap(0)], axis=axis)
-    return jnp.stack([block0, block1], axis=axis)  # block axis before the phase axis
-
-
-def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
-    """[3, 3, Co, Ci] -> [2, 2, Ci, 4 Co], output channel order (row phase, col phase, Co)."""
-    co, ci = kernel.shape[2], kernel.shape[3]
-    k = _phase_taps(kernel, 0)  # [2 (block_r), 2 (phase_r), 3, Co, Ci]
-    k = _phase_taps(k, 2)  # [block_r, phase_r, block_c, phase_c, Co, Ci]
-    k = k.transpose(0, 2, 5, 1, 3, 4)  # [block_r, block_c, Ci, phase_r, phase_c, Co]
-    return k.reshape(2, 2, ci, 4 * co)
-
-
-def _depth_to_space(y: jax.Array) -> jax.Array:
-    """[N, h, w, 4C] (channel order row phase, col phase, C) -> [N, 2h, 2w, C]."""
-    n, h, w, c4 = y.shape
-    c = c4 // 4
-    y = y.reshape(n, h, w, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(n, 2 * h, 2 * w, c)
-
-
-def conv_transpose3x3_stride2_subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Same function as :func:`conv_transpose3x3_stride2_xla` with a stride-1 convolution.
-
-    One 2x2 convolution over the input padded by one row/column at the bottom/right
-    computes all four output phases at once; depth-to-space interleaves them.
-    """
-    xp = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    y = lax.conv_general_dilated(
-        xp, _subpixel_kernel(kernel), (1, 1), "VALID", dimension_numbers=_DN
-    )
-    return _depth_to_space(y)
-
-
 def _convt_matrix(kernel: jax.Array) -> jax.Array:
     """[3, 3, Co, Ci] -> [Ci, 9 Co], columns tap-major (a, b, Co)."""
     ci = kernel.shape[3]
@@ -417,15 +334,13 @@ def conv3x3_gemm(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _tap_sum(z.reshape(n, h, w, 3, 3, co))
 
 
-_CONV_S1 = {"xla": conv3x3_xla, "subpixel": conv3x3_xla, "gemm": conv3x3_gemm}
+_CONV_S1 = {"xla": conv3x3_xla, "gemm": conv3x3_gemm}
 _CONV = {
     "xla": conv3x3_stride2_xla,
-    "subpixel": conv3x3_stride2_subpixel,
     "gemm": conv3x3_stride2_gemm,
 }
 _CONV_T = {
     "xla": conv_transpose3x3_stride2_xla,
-    "subpixel": conv_transpose3x3_stride2_subpixel,
     "gemm": conv_transpose3x3_stride2_gemm,
 }
 
@@ -495,7 +410,7 @@ class Conv3x3Stride2(_Conv3x3Base):
     """PyTorch ``Conv2d(kernel_size=3, stride=2, padding=1)`` in NHWC.
 
     x: [N, H, W, C_in] -> [N, ceil(H/2), ceil(W/2), features]. ``impl``: see the module
-    docstring ("auto" | "xla" | "subpixel" | "gemm"); every choice computes the same function.
+    docstring ("auto" | "xla" | "gemm"); every choice computes the same function.
     """
 
     _impls = _CONV
@@ -507,8 +422,8 @@ class Conv3x3(_Conv3x3Base):
     x: [N, H, W, C_in] -> [N, H, W, features]. The parameter tree of
     ``flax.linen.Conv(features, (3, 3), padding=1)`` (``kernel [3, 3, C_in, features]``,
     ``bias [features]``), so it replaces one without touching checkpoints. ``impl``: "xla"
-    (one ``lax`` convolution; also what "subpixel" means here, a stride-1 conv having no
-    phases) or "gemm" (:func:`conv3x3_gemm`); "auto" as for the strided layers.
+    (one ``lax`` convolution) or "gemm" (:func:`conv3x3_gemm`); "auto" as for the strided
+    layers.
     """
 
     _impls = _CONV_S1
@@ -518,7 +433,7 @@ class ConvTranspose3x3Stride2(_Conv3x3Base):
     """PyTorch ``ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`` in NHWC.
 
     x: [N, H, W, C_in] -> [N, 2H, 2W, features]. ``impl``: see the module docstring
-    ("auto" | "xla" | "subpixel" | "gemm"); every choice computes the same function.
+    ("auto" | "xla" | "gemm"); every choice computes the same function.
     """
 
     _impls = _CONV_T
@@ -535,10 +450,8 @@ __all__ = [
     "Conv3x3Stride2",
     "ConvTranspose3x3Stride2",
     "conv3x3_stride2_gemm",
-    "conv3x3_stride2_subpixel",
     "conv3x3_stride2_xla",
     "conv_transpose3x3_stride2_gemm",
-    "conv_transpose3x3_stride2_subpixel",
     "conv_transpose3x3_stride2_xla",
     "resolve_impl",
 ]

@@ -236,7 +236,6 @@ def _mp_config(dtype: str, objective: str = "elbo", conv_impl: str = "auto", mlp
     [
         ("elbo", "gemm", False),
         ("elbo", "xla", False),
-        ("elbo", "subpixel", False),
         ("iwae", "gemm", False),
         ("iwae", "gemm", True),
         ("vanilla_vae_loss", "gemm", False),
