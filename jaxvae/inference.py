@@ -25,13 +25,13 @@ from jaxvae.run_setup import Setup
 
 
 def _restore_for_inference(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str
+    config: ml_collections.ConfigDict, workdir: str | Path, which: str, needs_data: bool = True
 ) -> tuple[Setup, ts.TrainState, int]:
     """The set-up of a trained workdir and its ``latest``/``best`` checkpoint: ``(s, state,
     step)``. The caller closes ``s.manager``."""
     if which not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
-    s = run_setup.setup(config, workdir, for_training=False)
+    s = run_setup.setup(config, workdir, for_training=False, needs_data=needs_data)
     step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
     if step is None:
         latest = s.manager.latest_step()
@@ -66,7 +66,7 @@ def evaluate_workdir(
         results = {
             "step": step,
             "checkpoint": which,
-            **run_outputs.test_metrics(ev),
+            **run_outputs.as_test_metrics(ev),
             "iwae_samples": s.config.eval.iwae_samples,
             "num_examples": ev["num_examples"],
             "eval_split": s.config.data.eval_split,
@@ -98,9 +98,10 @@ def load_trained(
         samples = model.apply(variables, jax.random.key(0), 16, method="sample")
 
     Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
-    checkpoint, ``ValueError`` for another ``which``.
+    checkpoint, ``ValueError`` for another ``which``. The dataset need not be here when
+    ``config.data.image_size`` (or ``center_crop``) fixes the image size.
     """
-    s, state, step = _restore_for_inference(config, workdir, which)
+    s, state, step = _restore_for_inference(config, workdir, which, needs_data=False)
     try:
         variables = jax.device_get(state.variables)
     finally:
@@ -111,8 +112,12 @@ def load_trained(
 def sample_workdir(
     config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
 ) -> list[Path]:
-    """Writes the PNG grids of a checkpoint to ``<workdir>/samples/``; returns their paths."""
-    s, state, step = _restore_for_inference(config, workdir, which)
+    """Writes the PNG grids of a checkpoint to ``<workdir>/samples/``; returns their paths.
+
+    Prior samples, and reconstructions and interpolations of the first eval images when the
+    dataset is here; without it (a converted model, a copied workdir), prior samples only.
+    """
+    s, state, step = _restore_for_inference(config, workdir, which, needs_data=False)
     try:
         # A folder of its own: never overwrite the pictures written during training.
         # Process 0 alone draws them (on one of its devices, from the replicated variables).

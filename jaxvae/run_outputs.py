@@ -93,20 +93,28 @@ def save_images(
     writer: reporting.MetricsWriter | None,
     folder: str = "images",
 ) -> list[Path]:
-    """Writes reconstructions, prior samples and interpolations as PNG grids; returns paths."""
+    """Writes reconstructions, prior samples and interpolations as PNG grids; returns paths.
+
+    Without the dataset (``s.info`` is None, see :func:`jaxvae.run_setup.setup`) there are no
+    images to reconstruct or interpolate: prior samples only.
+    """
     cfg = s.config.eval
     n = cfg.num_image_grid
     pixel_range = "unit" if s.config.model.likelihood == "bernoulli" else s.config.data.pixel_range
     # Pictures run on one device with the replicated variables.
     variables = jax.device_get(state.variables)
-    x = first_eval_images(s, 4 * n)
+    if s.info is None:
+        x = np.zeros((0, *s.programs.model.image_shape), np.float32)
+    else:
+        x = first_eval_images(s, 4 * n)
     key = jax.random.fold_in(eval_key(s.config), step)
     out = jax.device_get(s.programs.pictures(variables, x, key))
     show = lambda a: reporting.to_display(np.asarray(a), pixel_range)  # noqa: E731
-    grids = {
-        "reconstructions": (reporting.interleave_rows(show(x), show(out["reconstructions"]), n), n),
-        "samples": (show(out["samples"]), n),
-    }
+    grids = {}
+    if len(x):
+        recons = reporting.interleave_rows(show(x), show(out["reconstructions"]), n)
+        grids["reconstructions"] = (recons, n)
+    grids["samples"] = (show(out["samples"]), n)
     if len(x) >= 2:
         interp = out["interpolation"].reshape(-1, *x.shape[1:])
         grids["interpolation"] = (show(interp), cfg.interpolation_steps)
@@ -121,7 +129,8 @@ def save_images(
     return paths
 
 
-def test_metrics(ev: dict[str, float]) -> dict[str, float]:
+def as_test_metrics(ev: dict[str, float]) -> dict[str, float]:
+    """The ``test_*`` entries of ``metrics.jsonl`` and the results files, from an evaluation."""
     return {
         "test_neg_elbo": ev["neg_elbo"],
         "test_kl": ev["kl"],
@@ -138,6 +147,7 @@ def finite(d: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "as_test_metrics",
     "eval_batch_size",
     "eval_key",
     "eval_progress",
@@ -145,5 +155,4 @@ __all__ = [
     "first_eval_images",
     "run_eval",
     "save_images",
-    "test_metrics",
 ]

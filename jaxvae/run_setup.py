@@ -10,6 +10,7 @@ workdir (:mod:`jaxvae.inference`) both start here.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,20 +95,38 @@ class Setup:
     config: ml_collections.ConfigDict
     workdir: Path
     mesh: Mesh
-    info: Any
+    info: Any  # input_pipeline.DatasetInfo; None when sampling without the dataset
     num_train_steps: int  # resolved from config.num_train_steps or config.num_epochs
     programs: Programs
     manager: Any
     target: Any  # abstract TrainState
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training: bool) -> Setup:
-    """Validates everything and builds the pieces; writes nothing (in the workdir)."""
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    for_training: bool,
+    *,
+    needs_data: bool = True,
+) -> Setup:
+    """Validates everything and builds the pieces; writes nothing (in the workdir).
+
+    ``needs_data=False`` (drawing prior samples, loading the model) accepts a dataset that
+    cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
+    (or ``center_crop``) with the checkpoint's channel count, and the optimizer's schedule
+    length is a placeholder (nothing trains). Without either field the dataset's error is raised as usual.
+    """
     compilation_cache.enable()  # before anything compiles: a second start loads its programs
     workdir = Path(workdir)
     mesh = make_mesh()
     config_utils.validate(config, mesh.size)
-    info = input_pipeline.get_dataset_info(config.data)  # raises DatasetNotFoundError
+    try:
+        info = input_pipeline.get_dataset_info(config.data)
+        missing = None
+    except input_pipeline.DatasetNotFoundError as e:
+        if needs_data:
+            raise
+        info, missing = None, e
 
     ckpt_dir = workdir / "checkpoints"
     old = workdir_files.read_config(workdir)  # raises DamagedFileError
@@ -134,22 +153,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training: 
                 "fresh --workdir."
             )
 
-    steps_per_epoch = max(1, info.num_train // config.batch_size)
-    num_train_steps = config_utils.resolve_train_steps(config, info.num_train)
-    programs = build_programs(
-        config, tuple(info.image_shape), num_train_steps, steps_per_epoch, mesh
-    )
-    target = ts.abstract_state(programs.init_fn, mesh)
-    manager = None
+    manager = latest = None
     if ckpt_dir.exists():
         # Read-only: inspecting a workdir must never change it.
         manager = checkpointing.create_manager(ckpt_dir, config.keep_checkpoints, read_only=True)
         latest = manager.latest_step()
-        if latest is not None:
-            checkpointing.check_compatible(manager, latest, target)
-        if for_training:  # training opens its own, writing manager once all checks passed
-            manager.close()
-            manager = None
     elif not for_training:
         if (workdir / workdir_files.METRICS).exists():
             raise checkpointing.CheckpointError(
@@ -160,8 +168,49 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training: 
             f"No checkpoints in {ckpt_dir}: train first "
             f"(python train.py --config <config> --workdir {workdir})."
         )
+    if info is None:
+        image_shape = _image_shape_without_data(config, manager, latest, missing)
+        num_train = 0  # the schedule's length is not needed to draw samples
+    else:
+        image_shape, num_train = tuple(info.image_shape), info.num_train
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    num_train_steps = config_utils.resolve_train_steps(config, num_train)
+    programs = build_programs(config, image_shape, num_train_steps, steps_per_epoch, mesh)
+    target = ts.abstract_state(programs.init_fn, mesh)
+    if latest is not None:
+        checkpointing.check_compatible(manager, latest, target)
+    if for_training and manager is not None:
+        manager.close()  # training opens its own, writing manager once all checks passed
+        manager = None
     distributed.sync_processes("jaxvae:setup")  # all inspected the workdir; none wrote yet
     return Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
+
+
+def _image_shape_without_data(
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    step: int | None,
+    missing: input_pipeline.DatasetNotFoundError,
+) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a trained model whose dataset is not here: the side from the config
+    (``data.image_size``, else ``data.center_crop``), the channels from the checkpoint's first
+    encoder convolution. Raises ``missing`` when the config does not fix the side."""
+    side = config.data.image_size or config.data.center_crop
+    if not side or step is None:
+        raise missing
+    try:
+        kernel = manager.item_metadata(step)["state"]["params"]["encoder"]["conv_0"]["kernel"]
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
+        raise checkpointing.corrupt_error(manager, step, e) from e
+    if jax.process_index() == 0:
+        print(
+            f"note: {config.data.name} is not available here ("
+            f"{str(missing).splitlines()[0]}); going on without it: the image shape comes "
+            "from the config and the checkpoint, and there are no reconstructions.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return (side, side, int(kernel.shape[2]))
 
 
 def check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:

@@ -35,7 +35,7 @@ from jaxvae import (
     workdir_lock,
 )
 from jaxvae.mesh import shard_batch
-from jaxvae.run_outputs import finite, run_eval, save_images, test_metrics
+from jaxvae.run_outputs import as_test_metrics, finite, run_eval, save_images
 from jaxvae.run_setup import Setup
 
 
@@ -123,7 +123,7 @@ def _train(
         reporting.write_json(workdir / "config.json", config_utils.to_dict(cfg))
 
     train_iter = input_pipeline.create_train_iterator(cfg.data, cfg.batch_size, cfg.seed)
-    if data_state is not None:
+    if data_state:  # a converted model's checkpoint (jaxvae.convert) holds no data position
         train_iter.set_state(data_state)
     train_step, eval_step = s.programs.train_step, s.programs.eval_step
     # Files are written by process 0 only (every process holds the same replicated values).
@@ -182,7 +182,7 @@ def _train(
                 if do_eval:
                     ev = run_eval(s, eval_step, state)
                     _checkfinite([ev], done - 1, s, saved_step, prefix="test_")
-                    last_eval = test_metrics(ev)
+                    last_eval = as_test_metrics(ev)
                     record.update(last_eval)
                     if is_main:
                         save_images(s, state, done, writer)
@@ -222,7 +222,7 @@ def _train(
             stop.exit_code,
         )
     if results is None:  # nothing left to train: evaluate what was restored
-        last_eval = test_metrics(run_eval(s, eval_step, state))
+        last_eval = as_test_metrics(run_eval(s, eval_step, state))
         results = _results(s, final_step, last_eval, timer)
         if is_main:
             reporting.write_json(workdir / "results.json", finite(results))
