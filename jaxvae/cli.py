@@ -28,8 +28,10 @@ from jaxvae import (
     checkpointing,
     config_utils,
     distributed,
+    inference,
     input_pipeline,
     preemption,
+    run_setup,
     train_lib,
     workdir_config,
     workdir_files,
@@ -40,7 +42,7 @@ from jaxvae import (
 USER_ERRORS = (
     config_utils.ConfigError,
     *input_pipeline.ERRORS,
-    train_lib.WorkdirMismatchError,
+    run_setup.WorkdirMismatchError,
     train_lib.TrainingDivergedError,
     checkpointing.CheckpointError,
     workdir_files.DamagedFileError,
@@ -245,10 +247,10 @@ def main(
             out = json.dumps(train_lib.train_and_evaluate(config, workdir), indent=2)
         elif mode == "eval":
             _note_training_run(workdir, mode)
-            out = json.dumps(train_lib.evaluate_workdir(config, workdir, checkpoint), indent=2)
+            out = json.dumps(inference.evaluate_workdir(config, workdir, checkpoint), indent=2)
         else:
             _note_training_run(workdir, mode)
-            out = "\n".join(map(str, train_lib.sample_workdir(config, workdir, checkpoint)))
+            out = "\n".join(map(str, inference.sample_workdir(config, workdir, checkpoint)))
         if jax.process_index() == 0:  # one copy of the result, not one per process
             print(out)
     except checkpointing.CheckpointWriteError as e:

@@ -1,9 +1,10 @@
 """JAX's persistent compilation cache for jaxvae's programs: a second start compiles nothing.
 
-``train.py`` and :func:`jaxvae.train_lib.train_and_evaluate` (and the other workdir entry
-points) call :func:`enable` before they compile anything. Compiled programs are then stored in
-one folder shared by all runs of all configs, keyed by JAX on the program, the devices and the
-library versions, so a run that starts the same programs again loads them instead of compiling.
+``train.py``, :func:`jaxvae.train_lib.train_and_evaluate` and the workdir entry points of
+:mod:`jaxvae.inference` (all through :func:`jaxvae.run_setup.setup`) call :func:`enable`
+before they compile anything. Compiled programs are then stored in one folder shared by all
+runs of all configs, keyed by JAX on the program, the devices and the library versions, so a
+run that starts the same programs again loads them instead of compiling.
 
 - Folder: ``$JAXVAE_COMPILATION_CACHE``, or ``$XDG_CACHE_HOME/jaxvae/jax`` (by default
   ``~/.cache/jaxvae/jax``). Delete it at any time to reclaim its space.

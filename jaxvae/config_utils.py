@@ -173,18 +173,22 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Inverse of :func:`to_dict`: a config from a resolved ``config.json`` (lists -> tuples)."""
-    base = base_config()
-    merged = _merge(to_dict(base), d)
-    c = ml_collections.ConfigDict(_tuples(merged))
-    return c
+    """Inverse of :func:`to_dict`: a config from a resolved ``config.json`` (lists -> tuples).
+
+    The values are assigned onto :func:`base_config`, so its typed fields stay typed: an unset
+    placeholder (``data.data_dir``: null) can still be overridden (``--config.data.data_dir=``).
+    """
+    config = base_config()
+    _assign(config, _tuples(d))
+    return config
 
 
-def _merge(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
+def _assign(config: ml_collections.ConfigDict, values: dict) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(config.get(k), ml_collections.ConfigDict):
+            _assign(config[k], v)
+        else:
+            config[k] = v
 
 
 def _tuples(d: Any) -> Any:

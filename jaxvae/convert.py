@@ -10,13 +10,14 @@ Keys prefixed ``model.`` (a PyTorch-Lightning ``.ckpt``) are accepted; ``num_bat
 entries are ignored. ``hidden_dims``, ``latent_dim`` and the channel count are inferred from the
 shapes. Missing, unexpected or wrongly shaped entries raise a ``ValueError`` naming them.
 
-Command line (writes an orbax checkpoint of ``{"params", "batch_stats"}`` under
-``out_dir/variables`` and the inferred model config as ``out_dir/model_config.json``)::
+Command line (writes a jaxvae workdir: ``out_dir/config.json``, the seed's run with the
+inferred model, and a step-0 checkpoint ``out_dir/checkpoints/0/``; see :func:`save_converted`)::
 
     python -m jaxvae.convert in.npz out_dir [--image-size 64]
     python -m jaxvae.convert last.ckpt out_dir   # needs torch installed (optional)
+    python train.py --mode sample --workdir out_dir   # prior samples; no dataset needed
 
-``load_converted(out_dir)`` restores ``(model, variables)`` from that folder.
+``jaxvae.inference.load_trained(config, out_dir)`` returns ``(model, variables, step)``.
 
 Image size. A state_dict does not record the image size: ``fc_mu`` has
 ``in_features = C_last * b_h * b_w`` with ``(b_h, b_w)`` the encoder's final spatial shape, which
@@ -46,7 +47,6 @@ in jaxvae, new updates follow Flax's rule, a relative difference of ``1 / (n - 1
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -56,14 +56,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from jaxvae import checkpointing, config_utils, optim, reporting, workdir_files
+from jaxvae import train_state as ts
 from jaxvae.models import VAE, bottleneck_shape
 
 LIGHTNING_PREFIX = "model."
 SEED_IMAGE_SIZE = 64
-VARIABLES_DIR = "variables"
-CONFIG_FILE = "model_config.json"
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -353,50 +354,67 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v for k, v in sd.items()}
 
 
-def save_converted(out_dir: str | os.PathLike, model: VAE, variables: Any, source: str) -> Path:
-    """Writes ``out_dir/variables`` (orbax StandardCheckpointer) and ``out_dir/model_config.json``.
+def converted_config(model: VAE) -> ml_collections.ConfigDict:
+    """The resolved jaxvae config of a converted model: :func:`~jaxvae.config_utils.base_config`
+    with the seed's run (``configs/celeba.py``: CelebA center-cropped to 148, in [-1, 1],
+    PyTorch-VAE's loss, its seed) and the converted model's fields (Gaussian likelihood, tanh
+    output, latent and hidden dims, the image side as ``data.image_size``).
 
-    Restore with :func:`load_converted`, or with
-    ``orbax.checkpoint.StandardCheckpointer().restore(out_dir / "variables", abstract_variables)``.
+    Raises ``ValueError`` for a non-square image size (``data.image_size`` is one side).
     """
-    import orbax.checkpoint as ocp
+    height, width, _ = model.image_shape
+    if height != width:
+        raise ValueError(
+            f"image size {height}x{width}: a jaxvae workdir holds square images "
+            "(config.data.image_size is one side); convert with --image-size N"
+        )
+    config = config_utils.base_config()
+    config.name = "celeba_converted"
+    config.seed = 1265
+    config.batch_size = 64
+    config.objective = "vanilla_vae_loss"
+    config.data.name = "celeb_a"
+    config.data.binarize = "none"
+    config.data.pixel_range = "symmetric"
+    config.data.center_crop = 148
+    config.data.image_size = height
+    config.data.in_memory = False
+    config.model.latent_dim = model.latent_dim
+    config.model.hidden_dims = tuple(model.hidden_dims)
+    config.model.likelihood = model.likelihood
+    config.model.output_activation = model.output_activation
+    return config
 
+
+def save_converted(out_dir: str | os.PathLike, model: VAE, variables: Any) -> Path:
+    """Writes a jaxvae workdir holding the converted model: ``config.json``
+    (:func:`converted_config`) and ``checkpoints/0/``, a step-0 checkpoint written the way
+    training writes its own (the variables, a fresh optimizer state, no data position).
+
+    ``python train.py --mode sample|eval --workdir out_dir`` and
+    :func:`jaxvae.inference.load_trained` read it; training in it fine-tunes from the converted
+    variables. Raises ``ValueError`` when ``out_dir`` already holds a run (nothing is written).
+    """
     out = Path(out_dir).absolute()
+    held = [out / n for n in (workdir_files.CONFIG, "checkpoints") if (out / n).exists()]
+    if held:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(p.name for p in held)}); nothing was "
+            "written. Convert into a fresh folder."
+        )
+    config = converted_config(model)
+    tx, _ = optim.create_optimizer(config.optimizer, 1, 1)  # its schedule shapes no state
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    fresh = ts.init_train_state(model, tx, config.seed)  # the step, the noise key
+    state = fresh.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
     out.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / VARIABLES_DIR, variables, force=True)
-    checkpointer.wait_until_finished()
-    config = {
-        "latent_dim": model.latent_dim,
-        "hidden_dims": list(model.hidden_dims),
-        "image_shape": list(model.image_shape),
-        "likelihood": model.likelihood,
-        "output_activation": model.output_activation,
-        "source": source,
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    manager = checkpointing.create_manager(out / "checkpoints", config.keep_checkpoints)
+    try:
+        checkpointing.save(manager, 0, state, {})
+    finally:
+        checkpointing.close(manager)
+    reporting.write_json(out / workdir_files.CONFIG, config_utils.to_dict(config))
     return out
-
-
-def load_converted(
-    out_dir: str | os.PathLike, *, conv_impl: str = "auto"
-) -> tuple[VAE, dict[str, Any]]:
-    """Restores ``(model, variables)`` written by :func:`save_converted`."""
-    import orbax.checkpoint as ocp
-
-    out = Path(out_dir).absolute()
-    config = json.loads((out / CONFIG_FILE).read_text())
-    model = VAE(
-        latent_dim=config["latent_dim"],
-        hidden_dims=tuple(config["hidden_dims"]),
-        image_shape=tuple(config["image_shape"]),
-        likelihood=config["likelihood"],
-        output_activation=config["output_activation"],
-        conv_impl=conv_impl,
-    )
-    abstract = _abstract_variables(model)
-    variables = ocp.StandardCheckpointer().restore(out / VARIABLES_DIR, abstract)
-    return model, variables
 
 
 def _parse_image_size(text: str) -> int | tuple[int, int]:
@@ -412,7 +430,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Convert a PyTorch-VAE VanillaVAE state_dict to a jaxvae checkpoint.",
     )
     parser.add_argument("input", help="state_dict as .npz, or a .ckpt/.pt/.pth (needs torch)")
-    parser.add_argument("out_dir", help="folder for variables/ and model_config.json")
+    parser.add_argument(
+        "out_dir", help="the jaxvae workdir to write (config.json and checkpoints/0/)"
+    )
     parser.add_argument(
         "--image-size",
         type=_parse_image_size,
@@ -428,20 +448,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         state_dict = read_state_dict(args.input, trust_pickle=args.trust_pickle)
         model, variables = load_pytorch_vanilla_vae(state_dict, args.image_size)
+        out = save_converted(args.out_dir, model, variables)
     except (ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    out = save_converted(args.out_dir, model, variables, source=str(Path(args.input).absolute()))
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
     print(
         f"converted {args.input}: hidden_dims={model.hidden_dims} latent_dim={model.latent_dim} "
-        f"image_shape={model.image_shape} ({n} parameters) -> {out}"
+        f"image_shape={model.image_shape} ({n} parameters) -> {out}\n"
+        f"sample it: python train.py --mode sample --workdir {out}"
     )
 
 
 __all__ = [
     "SEED_IMAGE_SIZE",
+    "converted_config",
     "infer_config",
-    "load_converted",
     "load_pytorch_vanilla_vae",
     "read_state_dict",
     "save_converted",

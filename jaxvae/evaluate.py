@@ -226,13 +226,16 @@ def make_picture_fn(
     ``pictures(variables, x [N,H,W,C], key) -> {"reconstructions": [N,H,W,C],
     "samples": [num_samples,H,W,C], "interpolation": [P, steps, H,W,C]}`` with ``P = N // 2``
     pairs ``(x[i], x[P + i])``: the decoded ``(1 - t) mu(x0) + t mu(x1)``, ``t`` in
-    ``linspace(0, 1, steps)``. One function, so evaluation compiles one picture program.
+    ``linspace(0, 1, steps)``. One function, so evaluation compiles one picture program. With
+    no images (``N = 0``) it returns ``{"samples"}`` alone.
     """
 
     @jax.jit
     def pictures(variables, x, key):
-        reconstructions = model.apply(variables, x, method="reconstruct")
         samples = model.apply(variables, key, num_samples, method="sample")
+        if x.shape[0] == 0:  # no images (sampling without the dataset): samples only
+            return {"samples": samples}
+        reconstructions = model.apply(variables, x, method="reconstruct")
         pairs = x.shape[0] // 2
         mean, _ = model.apply(variables, x[: 2 * pairs], train=False, method="encode")
         m0, m1 = mean[:pairs], mean[pairs:]

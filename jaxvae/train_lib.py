@@ -1,15 +1,11 @@
-"""The training program: set up, train with periodic eval/checkpoints, and reuse a workdir.
+"""The training loop: train a workdir's run with periodic evaluation and checkpoints.
 
-Entry points (``train.py`` is a thin CLI over them):
-
-- :func:`train_and_evaluate` trains (resuming if the workdir has a checkpoint), evaluates,
-  writes ``results.json``.
-- :func:`evaluate_workdir` evaluates the latest or best checkpoint of a workdir.
-- :func:`sample_workdir` writes prior samples (and reconstructions) of a workdir's checkpoint.
-- :func:`load_trained` returns a workdir's trained model and variables, for your own code.
-
-Every check that can reject a run (config, device count, dataset availability, workdir holding
-another model) happens in :func:`_setup` *before* anything is written to the workdir.
+:func:`train_and_evaluate` (what ``train.py`` runs) takes the workdir's lock, sets the run up
+(:func:`jaxvae.run_setup.setup`: every check before anything is written), resumes from the
+latest checkpoint if there is one, trains to the last step with log lines, ``metrics.jsonl``,
+evaluations and picture grids (:mod:`jaxvae.run_outputs`) and checkpoints, stops on a
+non-finite loss (:class:`TrainingDivergedError`) or a signal, and writes ``results.json``.
+Using a trained workdir (``--mode eval|sample``, ``load_trained``) is :mod:`jaxvae.inference`.
 
 Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event files,
 ``checkpoints/<step>/``, ``images/*.png``, ``results.json``.
@@ -18,11 +14,6 @@ Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
-import json
-import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,293 +22,21 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from jaxvae import (
     checkpointing,
-    compilation_cache,
     config_utils,
     distributed,
-    evaluate,
     host_memory,
     input_pipeline,
-    optim,
-    paths,
     preemption,
     reporting,
-    workdir_files,
+    run_setup,
     workdir_lock,
 )
-from jaxvae import train_state as ts
-from jaxvae.mesh import make_mesh, replicated_sharding, shard_batch
-from jaxvae.train_step import make_train_step
-
-# Offset folded into the seed for evaluation noise: evaluation never consumes training noise,
-# so evaluating more or less often does not change the training run.
-_EVAL_KEY_SALT = 0x5EED
-
-
-class WorkdirMismatchError(RuntimeError):
-    """The workdir holds a run of a different model; nothing was written."""
-
-
-# config.model fields that change how the model computes, not what it is: the parameters and
-# BatchNorm statistics are float32 in either compute dtype, so a run started in float32 (say on
-# a CPU) may resume or be evaluated in bfloat16 (on a TPU), and back.
-_COMPUTE_ONLY_MODEL_FIELDS = ("dtype",)
-
-
-def _without_compute_only(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a ``config.json`` dict) without :data:`_COMPUTE_ONLY_MODEL_FIELDS`."""
-    model = {k: v for k, v in config["model"].items() if k not in _COMPUTE_ONLY_MODEL_FIELDS}
-    return {**config, "model": model}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Programs:
-    """The model and the jitted functions of a config (compiled lazily, on first call)."""
-
-    model: Any
-    schedule: Any
-    init_fn: Any  # () -> TrainState (not jitted; see init)
-    init: Any  # jitted init_fn, output replicated
-    train_step: Any
-    eval_step: Any
-    pictures: Any
-
-
-def _build_programs(
-    config: ml_collections.ConfigDict,
-    image_shape: tuple[int, int, int],
-    num_train_steps: int,
-    steps_per_epoch: int,
-    mesh: Mesh,
-) -> _Programs:
-    """The model, optimizer and jitted step functions of ``config`` (compiled on first call)."""
-    model = ts.build_model(config, image_shape)
-    tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
-
-    def init_fn():
-        return ts.init_train_state(model, tx, config.seed)
-
-    return _Programs(
-        model=model,
-        schedule=schedule,
-        init_fn=init_fn,
-        init=jax.jit(init_fn, out_shardings=replicated_sharding(mesh)),
-        train_step=make_train_step(model, tx, config, mesh),
-        eval_step=evaluate.make_eval_step(model, config, mesh),
-        pictures=evaluate.make_picture_fn(
-            model, config.eval.num_image_grid**2, config.eval.interpolation_steps
-        ),
-    )
-
-
-@dataclasses.dataclass
-class _Setup:
-    config: ml_collections.ConfigDict
-    workdir: Path
-    mesh: Mesh
-    info: Any
-    num_train_steps: int  # resolved from config.num_train_steps or config.num_epochs
-    programs: _Programs
-    manager: Any
-    target: Any  # abstract TrainState
-
-
-def _setup(config: ml_collections.ConfigDict, workdir: str | Path, for_training: bool) -> _Setup:
-    """Validates everything and builds the pieces; writes nothing (in the workdir)."""
-    compilation_cache.enable()  # before anything compiles: a second start loads its programs
-    workdir = Path(workdir)
-    mesh = make_mesh()
-    config_utils.validate(config, mesh.size)
-    info = input_pipeline.get_dataset_info(config.data)  # raises DatasetNotFoundError
-
-    ckpt_dir = workdir / "checkpoints"
-    old = workdir_files.read_config(workdir)  # raises DamagedFileError
-    if for_training:
-        _check_metrics_history(workdir, ckpt_dir)
-    if old is not None and ckpt_dir.exists():
-        new = config_utils.to_dict(config)
-        diff = config_utils.model_config_diff(
-            _without_compute_only(old), _without_compute_only(new)
-        )
-        if diff:
-            raise WorkdirMismatchError(
-                f"The workdir {workdir} holds a run of a different model; its config.json "
-                f"differs in:\n  " + "\n  ".join(diff) + "\nNothing was changed. Use a fresh "
-                "--workdir, or the config that wrote this workdir."
-            )
-        diff = config_utils.resume_config_diff(old, new) if for_training else []
-        if diff:
-            raise WorkdirMismatchError(
-                f"The workdir {workdir} holds a run that cannot be resumed with these settings "
-                f"(they fix the data order and position saved in its checkpoints):\n  "
-                + "\n  ".join(diff)
-                + "\nNothing was changed. Resume with the values in its config.json, or use a "
-                "fresh --workdir."
-            )
-
-    steps_per_epoch = max(1, info.num_train // config.batch_size)
-    num_train_steps = config_utils.resolve_train_steps(config, info.num_train)
-    programs = _build_programs(
-        config, tuple(info.image_shape), num_train_steps, steps_per_epoch, mesh
-    )
-    target = ts.abstract_state(programs.init_fn, mesh)
-    manager = None
-    if ckpt_dir.exists():
-        # Read-only: inspecting a workdir must never change it.
-        manager = checkpointing.create_manager(ckpt_dir, config.keep_checkpoints, read_only=True)
-        latest = manager.latest_step()
-        if latest is not None:
-            checkpointing.check_compatible(manager, latest, target)
-        if for_training:  # training opens its own, writing manager once all checks passed
-            manager.close()
-            manager = None
-    elif not for_training:
-        if (workdir / workdir_files.METRICS).exists():
-            raise checkpointing.CheckpointError(
-                f"{ckpt_dir} is missing, though {workdir} holds a trained run (its "
-                f"{workdir_files.METRICS}): the checkpoints were moved or deleted; put them back."
-            )
-        raise checkpointing.CheckpointError(
-            f"No checkpoints in {ckpt_dir}: train first "
-            f"(python train.py --config <config> --workdir {workdir})."
-        )
-    distributed.sync_processes("jaxvae:setup")  # all inspected the workdir; none wrote yet
-    return _Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
-
-
-def _check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:
-    """Refuses to train on a damaged ``metrics.jsonl``, or on one that records training whose
-    ``checkpoints/`` is gone: the run would start over and drop that record.
-
-    (A ``checkpoints/`` folder with no step in it is a run stopped before its first save; it
-    starts over as it should.)
-    """
-    path = workdir / workdir_files.METRICS
-    steps = [r["step"] for r in workdir_files.read_jsonl(path) if isinstance(r.get("step"), int)]
-    if steps and not ckpt_dir.exists():
-        raise checkpointing.CheckpointError(
-            f"{ckpt_dir} is missing, but {path} records training up to step {max(steps)}: the "
-            "checkpoints were moved or deleted, and training now would start over and drop "
-            "that record. Nothing was changed; put the checkpoints back, use a fresh --workdir, "
-            f"or move {path.name} away to start over in this one."
-        )
-
-
-def _check_writable(workdir: Path) -> None:
-    """Refuses a workdir that is a file, or that cannot be written, before anything happens."""
-    reason = paths.not_writable_reason(workdir)
-    if reason is not None:
-        raise config_utils.ConfigError(
-            f"--workdir {workdir} cannot be written ({reason}); choose a folder you can write to."
-        )
-
-
-def _eval_key(config: ml_collections.ConfigDict) -> jax.Array:
-    return jax.random.PRNGKey(config.seed + _EVAL_KEY_SALT)
-
-
-def _eval_batch_size(s: _Setup) -> int:
-    """``config.eval.batch_size`` rounded up to a multiple of the device count (padding masked)."""
-    n = s.mesh.size
-    return -(-s.config.eval.batch_size // n) * n
-
-
-def _eval_progress(s: _Setup) -> Callable[[int, float], None]:
-    """Prints the progress of an evaluation that runs for more than 30 s, every 30 s."""
-    total, k = s.info.num_eval, s.config.eval.iwae_samples
-    last = [0.0]
-
-    def report(done: int, seconds: float) -> None:
-        if jax.process_index() != 0 or seconds < last[0] + 30.0 or done <= 0:
-            return
-        last[0] = seconds
-        eta = (total - done) * seconds / done
-        print(
-            f"eval: {done:,}/{total:,} examples ({100 * done / total:.0f}%), K={k}: "
-            f"{datetime.timedelta(seconds=int(seconds))} elapsed, "
-            f"ETA {datetime.timedelta(seconds=int(eta))}, "
-            f"{done * k / seconds:,.0f} posterior samples/s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return report
-
-
-def _run_eval(s: _Setup, eval_step, state: ts.TrainState) -> dict[str, float]:
-    batches = input_pipeline.create_eval_batches(s.config.data, _eval_batch_size(s))
-    num_dims = math.prod(s.info.image_shape)
-    return evaluate.evaluate(
-        eval_step,
-        state.variables,
-        batches,
-        s.mesh,
-        _eval_key(s.config),
-        num_dims,
-        progress=_eval_progress(s),
-    )
-
-
-def _first_eval_images(s: _Setup, count: int) -> np.ndarray:
-    """Up to ``count`` real images from the start of the eval split (for the picture grids).
-
-    Read as by a single process (all rows), so the pictures do not depend on the process count.
-    """
-    out = []
-    for batch in input_pipeline.create_eval_batches(s.config.data, _eval_batch_size(s), 0, 1):
-        out.append(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
-        if sum(len(o) for o in out) >= count:
-            break
-    return np.concatenate(out)[:count]
-
-
-def _save_images(
-    s: _Setup,
-    state: ts.TrainState,
-    step: int,
-    writer: reporting.MetricsWriter | None,
-    folder: str = "images",
-) -> list[Path]:
-    """Writes reconstructions, prior samples and interpolations as PNG grids; returns paths."""
-    cfg = s.config.eval
-    n = cfg.num_image_grid
-    pixel_range = "unit" if s.config.model.likelihood == "bernoulli" else s.config.data.pixel_range
-    # Pictures run on one device with the replicated variables.
-    variables = jax.device_get(state.variables)
-    x = _first_eval_images(s, 4 * n)
-    key = jax.random.fold_in(_eval_key(s.config), step)
-    out = jax.device_get(s.programs.pictures(variables, x, key))
-    show = lambda a: reporting.to_display(np.asarray(a), pixel_range)  # noqa: E731
-    grids = {
-        "reconstructions": (reporting.interleave_rows(show(x), show(out["reconstructions"]), n), n),
-        "samples": (show(out["samples"]), n),
-    }
-    if len(x) >= 2:
-        interp = out["interpolation"].reshape(-1, *x.shape[1:])
-        grids["interpolation"] = (show(interp), cfg.interpolation_steps)
-    paths = []
-    for name, (images, ncol) in grids.items():
-        grid = reporting.image_grid(images, ncol)
-        path = s.workdir / folder / f"{name}_step{step:08d}.png"
-        reporting.save_png(path, grid)
-        paths.append(path)
-        if writer is not None:
-            writer.write_image(step, name, grid)
-    return paths
-
-
-def _test_metrics(ev: dict[str, float]) -> dict[str, float]:
-    return {
-        "test_neg_elbo": ev["neg_elbo"],
-        "test_kl": ev["kl"],
-        "test_reconstruction": ev["reconstruction"],
-        "test_nll_iwae": ev["nll_iwae"],
-        "test_bits_per_dim": ev["bits_per_dim"],
-        "test_bits_per_dim_elbo": ev["bits_per_dim_elbo"],
-    }
+from jaxvae.mesh import shard_batch
+from jaxvae.run_outputs import as_test_metrics, finite, run_eval, save_images
+from jaxvae.run_setup import Setup
 
 
 def train_and_evaluate(
@@ -341,14 +60,14 @@ def train_and_evaluate(
     (:mod:`jaxvae.workdir_lock`; process 0 of several) and removes it when it ends.
 
     Raises (before writing anything): ``config_utils.ConfigError``,
-    ``input_pipeline.DatasetNotFoundError``, :class:`WorkdirMismatchError`,
+    ``input_pipeline.DatasetNotFoundError``, :class:`~jaxvae.run_setup.WorkdirMismatchError`,
     ``checkpointing.CheckpointError``, ``workdir_lock.WorkdirBusyError``,
     ``workdir_files.DamagedFileError``.
     """
     workdir = Path(workdir)
-    _check_writable(workdir)
+    run_setup.check_writable(workdir)
     with _workdir_lock(workdir) as release:
-        s = _setup(config, workdir, for_training=True)
+        s = run_setup.setup(config, workdir, for_training=True)
         return _train(s, progress_stream, progress_bar, release)
 
 
@@ -378,7 +97,7 @@ def _workdir_lock(workdir: Path) -> Iterator[Callable[[], None]]:
 
 
 def _train(
-    s: _Setup, progress_stream, progress_bar: bool | None, release_lock: Callable[[], None]
+    s: Setup, progress_stream, progress_bar: bool | None, release_lock: Callable[[], None]
 ) -> dict[str, Any]:
     """The body of :func:`train_and_evaluate`, once the workdir is held and checked."""
     cfg = s.config
@@ -404,7 +123,7 @@ def _train(
         reporting.write_json(workdir / "config.json", config_utils.to_dict(cfg))
 
     train_iter = input_pipeline.create_train_iterator(cfg.data, cfg.batch_size, cfg.seed)
-    if data_state is not None:
+    if data_state:  # a converted model's checkpoint (jaxvae.convert) holds no data position
         train_iter.set_state(data_state)
     train_step, eval_step = s.programs.train_step, s.programs.eval_step
     # Files are written by process 0 only (every process holds the same replicated values).
@@ -448,7 +167,7 @@ def _train(
                     continue
                 # The only sync with the devices per window; nothing non-finite goes further.
                 host = jax.device_get(pending)
-                _check_finite(host, window_start, s, saved_step)
+                _checkfinite(host, window_start, s, saved_step)
                 record: dict[str, float] = {}  # one metrics.jsonl line per logged step
                 if do_log:
                     rate = timer.mark((done - window_start) * cfg.batch_size)
@@ -461,12 +180,12 @@ def _train(
                 jax.block_until_ready(state)  # finish the queued steps inside the window
                 t0 = time.perf_counter()
                 if do_eval:
-                    ev = _run_eval(s, eval_step, state)
-                    _check_finite([ev], done - 1, s, saved_step, prefix="test_")
-                    last_eval = _test_metrics(ev)
+                    ev = run_eval(s, eval_step, state)
+                    _checkfinite([ev], done - 1, s, saved_step, prefix="test_")
+                    last_eval = as_test_metrics(ev)
                     record.update(last_eval)
                     if is_main:
-                        _save_images(s, state, done, writer)
+                        save_images(s, state, done, writer)
                     progress.message(
                         f"eval step {done}: neg_elbo {ev['neg_elbo']:.3f}  kl {ev['kl']:.3f}  "
                         f"nll_iwae(K={cfg.eval.iwae_samples}) {ev['nll_iwae']:.3f}  "
@@ -479,7 +198,7 @@ def _train(
                     # result.
                     results = _results(s, done, last_eval, timer)
                     if is_main:
-                        reporting.write_json(workdir / "results.json", _finite(results))
+                        reporting.write_json(workdir / "results.json", finite(results))
                 if do_eval or do_ckpt:
                     checkpointing.save(
                         manager, done, state, train_iter.get_state(), last_eval if do_eval else None
@@ -503,10 +222,10 @@ def _train(
             stop.exit_code,
         )
     if results is None:  # nothing left to train: evaluate what was restored
-        last_eval = _test_metrics(_run_eval(s, eval_step, state))
+        last_eval = as_test_metrics(run_eval(s, eval_step, state))
         results = _results(s, final_step, last_eval, timer)
         if is_main:
-            reporting.write_json(workdir / "results.json", _finite(results))
+            reporting.write_json(workdir / "results.json", finite(results))
     return results
 
 
@@ -514,10 +233,10 @@ class TrainingDivergedError(RuntimeError):
     """A loss, gradient or test metric became NaN/inf; nothing from that step on was saved."""
 
 
-def _check_finite(
+def _checkfinite(
     window: list[dict[str, Any]],
     first_step: int,
-    s: _Setup,
+    s: Setup,
     saved_step: int | None,
     prefix: str = "train_",
 ) -> None:
@@ -547,7 +266,7 @@ def _check_finite(
 
 
 def _results(
-    s: _Setup, step: int, last_eval: dict[str, float] | None, timer: reporting.Timer
+    s: Setup, step: int, last_eval: dict[str, float] | None, timer: reporting.Timer
 ) -> dict[str, Any]:
     """The contents of ``results.json``."""
     cfg = s.config
@@ -564,112 +283,4 @@ def _results(
     }
 
 
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    """NaN/inf -> None so results.json is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def _restore_for_inference(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str
-) -> tuple[_Setup, ts.TrainState, int]:
-    if which not in ("latest", "best"):
-        raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
-    s = _setup(config, workdir, for_training=False)
-    step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
-    if step is None:
-        latest = s.manager.latest_step()
-        checkpointing.close(s.manager)
-        if which == "best" and latest is not None:
-            raise checkpointing.CheckpointError(
-                f"No checkpoint in {s.workdir / 'checkpoints'} has been evaluated yet, so there "
-                f"is no best one; use --checkpoint latest (step {latest})."
-            )
-        raise checkpointing.CheckpointError(
-            f"No checkpoint in {s.workdir / 'checkpoints'}: train first."
-        )
-    state, _ = checkpointing.restore(s.manager, step, s.target)
-    return s, state, step
-
-
-def evaluate_workdir(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
-) -> dict[str, Any]:
-    """Evaluates a workdir's ``latest``/``best`` checkpoint; writes ``eval_results.json``.
-
-    ``eval_results.json`` holds the latest evaluation; each one is also appended as a line to
-    ``eval_history.jsonl``, so a quick re-evaluation never loses a long (K = 5000) one.
-    """
-    history = Path(workdir) / workdir_files.EVAL_HISTORY
-    workdir_files.read_jsonl(history)  # a damaged history is refused, never appended to
-    s, state, step = _restore_for_inference(config, workdir, which)
-    try:
-        eval_step = s.programs.eval_step
-        t0 = time.perf_counter()
-        ev = _run_eval(s, eval_step, state)
-        results = {
-            "step": step,
-            "checkpoint": which,
-            **_test_metrics(ev),
-            "iwae_samples": s.config.eval.iwae_samples,
-            "num_examples": ev["num_examples"],
-            "eval_split": s.config.data.eval_split,
-            "eval_seconds": time.perf_counter() - t0,
-        }
-        if jax.process_index() == 0:  # every process computed the same (replicated) sums
-            reporting.write_json(s.workdir / "eval_results.json", _finite(results))
-            with history.open("a") as f:
-                f.write(json.dumps(_finite(results), sort_keys=True) + "\n")
-    finally:
-        checkpointing.close(s.manager)
-    return results
-
-
-def load_trained(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
-) -> tuple[Any, dict[str, Any], int]:
-    """The trained model of a workdir, to use in your own code: ``(model, variables, step)``.
-
-    ``model`` is the run's :class:`jaxvae.models.VAE` (a Flax module), ``variables`` the
-    ``{"params", "batch_stats"}`` of the workdir's ``latest`` or
-    ``best`` checkpoint as NumPy arrays on the host, and ``step`` that checkpoint's step. The
-    config must describe the workdir's model (its ``config.json``; another model is refused with
-    :class:`WorkdirMismatchError`). Nothing in the workdir is changed. For example::
-
-        model, variables, step = load_trained(config, "runs/mnist")
-        images = model.apply(variables, x, method="reconstruct")  # x: [N, H, W, C]
-        samples = model.apply(variables, jax.random.key(0), 16, method="sample")
-
-    Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
-    checkpoint, ``ValueError`` for another ``which``.
-    """
-    s, state, step = _restore_for_inference(config, workdir, which)
-    try:
-        variables = jax.device_get(state.variables)
-    finally:
-        checkpointing.close(s.manager)
-    return s.programs.model, variables, int(step)
-
-
-def sample_workdir(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
-) -> list[Path]:
-    """Writes the PNG grids of a checkpoint to ``<workdir>/samples/``; returns their paths."""
-    s, state, step = _restore_for_inference(config, workdir, which)
-    try:
-        # A folder of its own: never overwrite the pictures written during training.
-        # Process 0 alone draws them (on one of its devices, from the replicated variables).
-        is_main = jax.process_index() == 0
-        paths = _save_images(s, state, step, None, folder="samples") if is_main else []
-    finally:
-        checkpointing.close(s.manager)
-    return paths
-
-
-__all__ = [
-    "TrainingDivergedError",
-    "WorkdirMismatchError",
-    "evaluate_workdir",
-    "load_trained",
-    "sample_workdir",
-    "train_and_evaluate",
-]
+__all__ = ["TrainingDivergedError", "train_and_evaluate"]

@@ -7,7 +7,16 @@ import inspect
 
 import pytest
 
-MODULES = ["jaxvae.losses", "jaxvae.models", "jaxvae.layers", "jaxvae.convert"]
+MODULES = [
+    "jaxvae.losses",
+    "jaxvae.models",
+    "jaxvae.layers",
+    "jaxvae.convert",
+    "jaxvae.run_setup",
+    "jaxvae.run_outputs",
+    "jaxvae.train_lib",
+    "jaxvae.inference",
+]
 
 # Public functions that are deliberately not exported (command-line entry points).
 NOT_EXPORTED = {"jaxvae.convert": {"main"}}

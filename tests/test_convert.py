@@ -269,25 +269,63 @@ def test_bad_state_dicts_raise_naming_the_key(mutate, match):
 # ---------------------------------------------------------------------------
 
 
-def test_cli_writes_a_restorable_checkpoint(fixture, converted, tmp_path, capsys):
+def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
+    fixture, converted, tmp_path, capsys, train_py
+):
+    """The converter writes a jaxvae workdir: ``train.py --mode sample`` draws its prior samples
+    with no dataset anywhere (CelebA is not prepared in the empty data_dir, and offline it
+    cannot be), and ``load_trained`` returns exactly the converted variables, which still
+    reproduce the PyTorch reconstructions."""
+    from PIL import Image
+
+    from jaxvae import config_utils, inference, workdir_files
+
     sd = torch_state_dict(fixture)
     npz = tmp_path / "vanilla.npz"
     np.savez(npz, **{f"model.{k}": v for k, v in sd.items()})
     out_dir = tmp_path / "out"
     convert.main([str(npz), str(out_dir), "--image-size", "16"])
     assert "hidden_dims=(8, 16)" in capsys.readouterr().out
+    saved = workdir_files.read_config(out_dir)
+    assert saved == config_utils.to_dict(convert.converted_config(converted[0]))
+    assert (saved["data"]["name"], saved["data"]["image_size"]) == ("celeb_a", 16)
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["0"]
 
-    model, variables = convert.load_converted(out_dir)
-    assert model == converted[0]
-    jax.tree.map(np.testing.assert_array_equal, variables, converted[1])
+    data_dir = tmp_path / "tfds"  # holds no CelebA
+    code = train_py(
+        "--mode", "sample", f"--workdir={out_dir}", f"--config.data.data_dir={data_dir}"
+    )
+    captured = capsys.readouterr()
+    assert code in (0, None), captured.err
+    assert "going on without it" in captured.err
+    # (tfds says on stdout that it tried to download CelebA; the program's output comes last)
+    assert captured.out.splitlines()[-1] == str(out_dir / "samples" / "samples_step00000000.png")
+    assert sorted(p.name for p in (out_dir / "samples").iterdir()) == ["samples_step00000000.png"]
+    config = config_utils.from_dict(saved)
+    config.data.data_dir = str(data_dir)
+    grid = np.asarray(Image.open(out_dir / "samples" / "samples_step00000000.png"))
+    n, side = config.eval.num_image_grid, 16
+    assert grid.shape[2] == 3 and grid.shape[0] >= n * side and grid.std() > 0
+
+    model, variables, step = inference.load_trained(config, out_dir)
+    assert step == 0 and model == converted[0].clone(conv_impl="auto")
+    jax.tree.map(np.testing.assert_array_equal, variables, jax.device_get(converted[1]))
     x, eps = jnp.asarray(nhwc(fixture["x"])), jnp.asarray(fixture["eps"])
     out, _, _ = model.apply(variables, x, eps, False, method=forward_with_eps)
     np.testing.assert_allclose(out, nhwc(fixture["eval_recons"]), atol=ATOL, rtol=0)
 
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main([str(npz), str(tmp_path / "bad")])  # the default 64 does not fit
-    assert exit_info.value.code == 2
-    assert "16x16 bottleneck" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # Refusals: a size that does not fit, and a folder that already holds a run; neither
+    # writes anything.
+    for args, match in [
+        ([str(npz), str(tmp_path / "bad")], "16x16 bottleneck"),  # the default 64 does not fit
+        ([str(npz), str(out_dir), "--image-size", "16"], "already holds a run"),
+    ]:
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(args)
+        assert exit_info.value.code == 2
+        assert match in capsys.readouterr().err
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_torch_checkpoint_without_torch_gives_a_clear_error(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ import pytest
 import tensorflow_datasets as tfds
 from multiprocess_launcher import FAST_COMPILE
 
-from jaxvae import checkpointing, config_utils, train_lib
+from jaxvae import checkpointing, config_utils, run_setup
 
 pytestmark = pytest.mark.multiprocess
 
@@ -137,7 +137,7 @@ def _config():
 def load_checkpoint(workdir: Path, step: int) -> tuple[dict, dict]:
     """(state as NumPy {params, batch_stats, opt_state, step}, data_iter) of a checkpoint."""
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-        s = train_lib._setup(_config(), workdir, for_training=False)
+        s = run_setup.setup(_config(), workdir, for_training=False)
     try:
         state, data_state = checkpointing.restore(s.manager, step, s.target)
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxvae import checkpointing, config_utils, train_lib
+from jaxvae import checkpointing, config_utils, inference, run_setup, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 40  # mock split size: eval batches of 16 -> 16, 16, 8 real + 8 masked
@@ -52,7 +52,7 @@ def snapshot(workdir: Path) -> dict[str, str]:
 
 def final_params(workdir: Path, config) -> dict:
     """The parameters of the latest checkpoint, as NumPy."""
-    s = train_lib._setup(config, workdir, for_training=False)
+    s = run_setup.setup(config, workdir, for_training=False)
     try:
         state, _ = checkpointing.restore(s.manager, s.manager.latest_step(), s.target)
     finally:
@@ -113,7 +113,7 @@ def test_end_to_end_outputs(full_run):
 
 def test_eval_covers_whole_split_with_masked_padding(full_run, mock):
     workdir, results = full_run
-    out = train_lib.evaluate_workdir(tiny_config(), workdir)
+    out = inference.evaluate_workdir(tiny_config(), workdir)
     # 40 examples in batches of 16: the padded 8 of the last batch are not counted.
     assert out["num_examples"] == NUM_EXAMPLES
     assert out["step"] == 4
@@ -122,10 +122,10 @@ def test_eval_covers_whole_split_with_masked_padding(full_run, mock):
         np.testing.assert_allclose(out[k], results[k], rtol=1e-5)
     assert (workdir / "eval_results.json").exists()
     # Every evaluation is also kept in eval_history.jsonl (a second one adds a line).
-    train_lib.evaluate_workdir(tiny_config(), workdir)
+    inference.evaluate_workdir(tiny_config(), workdir)
     history = [json.loads(x) for x in (workdir / "eval_history.jsonl").read_text().splitlines()]
     assert len(history) >= 2 and history[-1]["test_nll_iwae"] == out["test_nll_iwae"]
-    paths = train_lib.sample_workdir(tiny_config(), workdir, which="best")
+    paths = inference.sample_workdir(tiny_config(), workdir, which="best")
     assert {p.name for p in paths} >= {"samples_step00000004.png"}
     assert all(p.parent == workdir / "samples" and p.stat().st_size > 100 for p in paths)
 
@@ -137,11 +137,11 @@ def test_eval_memory_budget_changes_the_calls_not_the_estimate(full_run, mock):
     tiny = tiny_config()
     tiny.eval.memory_mb = 1e-6
     tiny.eval.iwae_chunk_size = 0
-    out = train_lib.evaluate_workdir(tiny, workdir)
+    out = inference.evaluate_workdir(tiny, workdir)
     big = tiny_config()
     big.eval.memory_mb = 4096.0
     big.eval.iwae_chunk_size = 0
-    ref = train_lib.evaluate_workdir(big, workdir)
+    ref = inference.evaluate_workdir(big, workdir)
     for k in ("test_neg_elbo", "test_kl", "test_nll_iwae"):
         np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, err_msg=k)
         np.testing.assert_allclose(out[k], results[k], rtol=1e-6, err_msg=k)
@@ -192,7 +192,7 @@ def test_workdir_with_other_model_is_refused_and_untouched(full_run, mock):
     before = snapshot(workdir)
     other = tiny_config()
     other.model.latent_dim = 5
-    with pytest.raises(train_lib.WorkdirMismatchError, match="latent_dim: 4 -> 5"):
+    with pytest.raises(run_setup.WorkdirMismatchError, match="latent_dim: 4 -> 5"):
         train_lib.train_and_evaluate(other, workdir)
     # Same with a config.json that hides the change: the checkpoint's shapes catch it.
     copy = workdir.parent / "mismatch_copy"
@@ -234,7 +234,7 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
     workdir, _ = full_run
     before = snapshot(workdir)
     config = tiny_config()
-    model, variables, step = train_lib.load_trained(config, workdir)
+    model, variables, step = inference.load_trained(config, workdir)
     assert step == 4 and isinstance(model, models.VAE)
     assert set(variables) == {"params", "batch_stats"}
     saved = final_params(workdir, config)
@@ -243,7 +243,7 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
         jax.tree.map(np.testing.assert_array_equal, variables[k], saved[k])
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(variables))
 
-    # The grid of _save_images: rows of n eval images, each followed by its reconstructions.
+    # The grid of run_outputs.save_images: rows of n eval images, each followed by its reconstructions.
     n = config.eval.num_image_grid
     batch = next(input_pipeline.create_eval_batches(config.data, 4 * n, 0, 1))
     x = batch["image"][batch["mask"]]
@@ -254,9 +254,9 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
     assert png.shape == grid.shape
     assert np.abs(png.astype(int) - grid.astype(int)).max() <= 1  # uint8 rounding
 
-    assert train_lib.load_trained(config, workdir, which="best")[2] == 4  # evaluated at 4
+    assert inference.load_trained(config, workdir, which="best")[2] == 4  # evaluated at 4
     with pytest.raises(ValueError, match="'latest' or 'best'"):
-        train_lib.load_trained(config, workdir, which="first")
+        inference.load_trained(config, workdir, which="first")
     assert snapshot(workdir) == before  # reading a run changes nothing
 
 
@@ -285,7 +285,7 @@ def test_run_resumes_in_the_other_compute_dtype(mock, tmp_path, first, second):
     assert {a.dtype for a in floats if a.dtype.kind == "f"} == {np.dtype(np.float32)}
 
     # What resuming must compute: the second dtype's step, twice, from the checkpoint.
-    s = train_lib._setup(config(second), workdir, for_training=False)
+    s = run_setup.setup(config(second), workdir, for_training=False)
     try:
         state, data_state = checkpointing.restore(s.manager, 2, s.target)
     finally:

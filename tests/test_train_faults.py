@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxvae import checkpointing, config_utils, train_lib
+from jaxvae import checkpointing, config_utils, inference, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -346,7 +346,7 @@ def test_divergence_stops_with_the_good_checkpoint_kept(trained, mock, tmp_path,
     assert latest < bad_step <= 12
     finite_everywhere(workdir)
     # The best checkpoint is still there and can be evaluated.
-    out = train_lib.evaluate_workdir(tiny_config(), workdir, "best")
+    out = inference.evaluate_workdir(tiny_config(), workdir, "best")
     assert out["step"] == 4 and math.isfinite(out["test_neg_elbo"])
 
 

@@ -1,0 +1,251 @@
+"""Setting up a run: every check that can refuse it, then the pieces it runs with.
+
+:func:`setup` validates the config against the devices, finds the dataset, compares the
+workdir's ``config.json`` and checkpoints with the config, and builds the model, the optimizer
+and the jitted programs (:class:`Programs`, compiled on first call). It writes nothing: a run it
+refuses leaves the workdir as it was. Training (:mod:`jaxvae.train_lib`) and the use of a trained
+workdir (:mod:`jaxvae.inference`) both start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxvae import (
+    checkpointing,
+    compilation_cache,
+    config_utils,
+    distributed,
+    evaluate,
+    input_pipeline,
+    optim,
+    paths,
+    workdir_files,
+)
+from jaxvae import train_state as ts
+from jaxvae.mesh import make_mesh, replicated_sharding
+from jaxvae.train_step import make_train_step
+
+
+class WorkdirMismatchError(RuntimeError):
+    """The workdir holds a run of a different model; nothing was written."""
+
+
+# config.model fields that change how the model computes, not what it is: the parameters and
+# BatchNorm statistics are float32 in either compute dtype, so a run started in float32 (say on
+# a CPU) may resume or be evaluated in bfloat16 (on a TPU), and back.
+_COMPUTE_ONLY_MODEL_FIELDS = ("dtype",)
+
+
+def _without_compute_only(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a ``config.json`` dict) without :data:`_COMPUTE_ONLY_MODEL_FIELDS`."""
+    model = {k: v for k, v in config["model"].items() if k not in _COMPUTE_ONLY_MODEL_FIELDS}
+    return {**config, "model": model}
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The model and the jitted functions of a config (compiled lazily, on first call)."""
+
+    model: Any
+    schedule: Any
+    init_fn: Any  # () -> TrainState (not jitted; see init)
+    init: Any  # jitted init_fn, output replicated
+    train_step: Any
+    eval_step: Any
+    pictures: Any
+
+
+def build_programs(
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, int, int],
+    num_train_steps: int,
+    steps_per_epoch: int,
+    mesh: Mesh,
+) -> Programs:
+    """The model, optimizer and jitted step functions of ``config`` (compiled on first call)."""
+    model = ts.build_model(config, image_shape)
+    tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
+
+    def init_fn():
+        return ts.init_train_state(model, tx, config.seed)
+
+    return Programs(
+        model=model,
+        schedule=schedule,
+        init_fn=init_fn,
+        init=jax.jit(init_fn, out_shardings=replicated_sharding(mesh)),
+        train_step=make_train_step(model, tx, config, mesh),
+        eval_step=evaluate.make_eval_step(model, config, mesh),
+        pictures=evaluate.make_picture_fn(
+            model, config.eval.num_image_grid**2, config.eval.interpolation_steps
+        ),
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: Mesh
+    info: Any  # input_pipeline.DatasetInfo; None when sampling without the dataset
+    num_train_steps: int  # resolved from config.num_train_steps or config.num_epochs
+    programs: Programs
+    manager: Any
+    target: Any  # abstract TrainState
+
+
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    for_training: bool,
+    *,
+    needs_data: bool = True,
+) -> Setup:
+    """Validates everything and builds the pieces; writes nothing (in the workdir).
+
+    ``needs_data=False`` (drawing prior samples, loading the model) accepts a dataset that
+    cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
+    (or ``center_crop``) with the checkpoint's channel count, and the optimizer's schedule
+    length is a placeholder (nothing trains). Without either field the dataset's error is raised as usual.
+    """
+    compilation_cache.enable()  # before anything compiles: a second start loads its programs
+    workdir = Path(workdir)
+    mesh = make_mesh()
+    config_utils.validate(config, mesh.size)
+    try:
+        info = input_pipeline.get_dataset_info(config.data)
+        missing = None
+    except input_pipeline.DatasetNotFoundError as e:
+        if needs_data:
+            raise
+        info, missing = None, e
+
+    ckpt_dir = workdir / "checkpoints"
+    old = workdir_files.read_config(workdir)  # raises DamagedFileError
+    if for_training:
+        check_metrics_history(workdir, ckpt_dir)
+    if old is not None and ckpt_dir.exists():
+        new = config_utils.to_dict(config)
+        diff = config_utils.model_config_diff(
+            _without_compute_only(old), _without_compute_only(new)
+        )
+        if diff:
+            raise WorkdirMismatchError(
+                f"The workdir {workdir} holds a run of a different model; its config.json "
+                f"differs in:\n  " + "\n  ".join(diff) + "\nNothing was changed. Use a fresh "
+                "--workdir, or the config that wrote this workdir."
+            )
+        diff = config_utils.resume_config_diff(old, new) if for_training else []
+        if diff:
+            raise WorkdirMismatchError(
+                f"The workdir {workdir} holds a run that cannot be resumed with these settings "
+                f"(they fix the data order and position saved in its checkpoints):\n  "
+                + "\n  ".join(diff)
+                + "\nNothing was changed. Resume with the values in its config.json, or use a "
+                "fresh --workdir."
+            )
+
+    manager = latest = None
+    if ckpt_dir.exists():
+        # Read-only: inspecting a workdir must never change it.
+        manager = checkpointing.create_manager(ckpt_dir, config.keep_checkpoints, read_only=True)
+        latest = manager.latest_step()
+    elif not for_training:
+        if (workdir / workdir_files.METRICS).exists():
+            raise checkpointing.CheckpointError(
+                f"{ckpt_dir} is missing, though {workdir} holds a trained run (its "
+                f"{workdir_files.METRICS}): the checkpoints were moved or deleted; put them back."
+            )
+        raise checkpointing.CheckpointError(
+            f"No checkpoints in {ckpt_dir}: train first "
+            f"(python train.py --config <config> --workdir {workdir})."
+        )
+    if info is None:
+        image_shape = _image_shape_without_data(config, manager, latest, missing)
+        num_train = 0  # the schedule's length is not needed to draw samples
+    else:
+        image_shape, num_train = tuple(info.image_shape), info.num_train
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    num_train_steps = config_utils.resolve_train_steps(config, num_train)
+    programs = build_programs(config, image_shape, num_train_steps, steps_per_epoch, mesh)
+    target = ts.abstract_state(programs.init_fn, mesh)
+    if latest is not None:
+        checkpointing.check_compatible(manager, latest, target)
+    if for_training and manager is not None:
+        manager.close()  # training opens its own, writing manager once all checks passed
+        manager = None
+    distributed.sync_processes("jaxvae:setup")  # all inspected the workdir; none wrote yet
+    return Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
+
+
+def _image_shape_without_data(
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    step: int | None,
+    missing: input_pipeline.DatasetNotFoundError,
+) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a trained model whose dataset is not here: the side from the config
+    (``data.image_size``, else ``data.center_crop``), the channels from the checkpoint's first
+    encoder convolution. Raises ``missing`` when the config does not fix the side."""
+    side = config.data.image_size or config.data.center_crop
+    if not side or step is None:
+        raise missing
+    try:
+        kernel = manager.item_metadata(step)["state"]["params"]["encoder"]["conv_0"]["kernel"]
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
+        raise checkpointing.corrupt_error(manager, step, e) from e
+    if jax.process_index() == 0:
+        print(
+            f"note: {config.data.name} is not available here ("
+            f"{str(missing).splitlines()[0]}); going on without it: the image shape comes "
+            "from the config and the checkpoint, and there are no reconstructions.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return (side, side, int(kernel.shape[2]))
+
+
+def check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:
+    """Refuses to train on a damaged ``metrics.jsonl``, or on one that records training whose
+    ``checkpoints/`` is gone: the run would start over and drop that record.
+
+    (A ``checkpoints/`` folder with no step in it is a run stopped before its first save; it
+    starts over as it should.)
+    """
+    path = workdir / workdir_files.METRICS
+    steps = [r["step"] for r in workdir_files.read_jsonl(path) if isinstance(r.get("step"), int)]
+    if steps and not ckpt_dir.exists():
+        raise checkpointing.CheckpointError(
+            f"{ckpt_dir} is missing, but {path} records training up to step {max(steps)}: the "
+            "checkpoints were moved or deleted, and training now would start over and drop "
+            "that record. Nothing was changed; put the checkpoints back, use a fresh --workdir, "
+            f"or move {path.name} away to start over in this one."
+        )
+
+
+def check_writable(workdir: Path) -> None:
+    """Refuses a workdir that is a file, or that cannot be written, before anything happens."""
+    reason = paths.not_writable_reason(workdir)
+    if reason is not None:
+        raise config_utils.ConfigError(
+            f"--workdir {workdir} cannot be written ({reason}); choose a folder you can write to."
+        )
+
+
+__all__ = [
+    "Programs",
+    "Setup",
+    "WorkdirMismatchError",
+    "build_programs",
+    "check_metrics_history",
+    "check_writable",
+    "setup",
+]
