@@ -114,7 +114,8 @@ def setup(
     ``needs_data=False`` (drawing prior samples, loading the model) accepts a dataset that
     cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
     (or ``center_crop``) with the checkpoint's channel count, and the optimizer's schedule
-    length is a placeholder (nothing trains). Without either field the dataset's error is raised as usual.
+    length is a placeholder (nothing trains). Without either field the dataset's error is
+    raised as usual.
     """
     compilation_cache.enable()  # before anything compiles: a second start loads its programs
     workdir = Path(workdir)

@@ -243,7 +243,8 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
         jax.tree.map(np.testing.assert_array_equal, variables[k], saved[k])
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(variables))
 
-    # The grid of run_outputs.save_images: rows of n eval images, each followed by its reconstructions.
+    # The grid of run_outputs.save_images: rows of n eval images, each followed by its
+    # reconstructions.
     n = config.eval.num_image_grid
     batch = next(input_pipeline.create_eval_batches(config.data, 4 * n, 0, 1))
     x = batch["image"][batch["mask"]]
