@@ -16,5 +16,4 @@ def get_config():
     config = load_config_file(Path(__file__).with_name("mnist_iwae_dreg.py"))
     config.name = "mnist_iwae_vamp_dreg"
     config.model.prior = "vamp"
-    config.model.num_pseudo_inputs = 500
     return config
