@@ -22,6 +22,7 @@ Examples (CPU; ``--num-devices N > 1`` splits the CPU into N XLA host devices)::
     python benchmarks/throughput.py --config seed
     python benchmarks/throughput.py --config mnist --conv-impl xla gemm --json out.json
     python benchmarks/throughput.py --config mnist mnist_nll --eval --eval-batch-size 500
+    python benchmarks/throughput.py --config mnist_iwae mnist_iwae_dreg mnist_vamp   # options
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ CONFIGS = {
     "mnist": "mnist.py",
     "mnist_nll": "mnist_nll.py",
     "mnist_iwae": "mnist_iwae.py",
+    "mnist_iwae_dreg": "mnist_iwae_dreg.py",
+    "mnist_vamp": "mnist_vamp.py",
+    "mnist_iwae_vamp_dreg": "mnist_iwae_vamp_dreg.py",
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
 
     print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
-    hdr = f"{'config':10s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
+    hdr = f"{'config':20s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
     hdr += (
         f"{'rate':>10s} {'unit':9s} {'compile_s':>9s} {'peak_rss_MiB':>12s} {'peak_dev_MiB':>12s}"
     )
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         dev = f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "n/a"
         impl_col = f"{r['conv_impl']}/{r['resolved_impl']}"
         print(
-            f"{r['config']:10s} {r['benchmark']:10s} {impl_col:13s} "
+            f"{r['config']:20s} {r['benchmark']:10s} {impl_col:13s} "
             f"{r['num_devices']:3d} {r['batch_size']:5d} {r['rate']:10.1f} {r['unit']:9s} "
             f"{r['compile_s']:9.1f} {r['peak_rss_mib']:12.0f} {dev:>12s}"
         )

@@ -18,10 +18,16 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from jaxvae import layers, models
+from jaxvae import layers, losses, models
 from jaxvae.data import transforms
 
 OBJECTIVES = ("elbo", "iwae", "vanilla_vae_loss")
+# config.gradient_estimator values each objective accepts (the losses define them).
+GRADIENT_ESTIMATORS = {
+    "elbo": losses.ELBO_GRADIENT_ESTIMATORS,
+    "iwae": losses.IWAE_GRADIENT_ESTIMATORS,
+    "vanilla_vae_loss": ("standard",),
+}
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "exponential", "cosine", "warmup_cosine")
 
@@ -55,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.beta = 1.0
     c.kl_warmup_steps = 0  # beta rises linearly from beta/N to beta over N steps; 0 = off
     c.kld_weight = 0.00025
+    # How the objective's gradient is estimated (its value is the same): "standard" (the
+    # reparameterisation gradient), "dreg" (doubly reparameterised, objective="iwae" only;
+    # Tucker et al. 2018) or "stl" (sticking the landing, objective="elbo" only; Roeder et
+    # al. 2017). See jaxvae.losses.iwae_bound and jaxvae.losses.elbo.
+    c.gradient_estimator = "standard"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist"
@@ -80,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoder options for likelihood experiments (models.VAE); the defaults are VanillaVAE's.
     c.model.decoder_type = "conv"  # "conv" | "mlp"
     c.model.decoder_hidden_dims = ()  # () = mirror hidden_dims; else the decoder's own widths
+    # "standard": N(0, I) (VanillaVAE's). "vamp": the VampPrior (Tomczak & Welling 2018), a
+    # mixture of the encoder's posteriors at num_pseudo_inputs learned images (models.VAE);
+    # objective "elbo" or "iwae" only.
+    c.model.prior = "standard"
+    c.model.num_pseudo_inputs = 500  # M of prior="vamp"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # "adam" | "adamw"
@@ -200,9 +216,15 @@ def _tuples(d: Any) -> Any:
 
 
 def model_signature(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-    """The fields that fix the parameter tree: ``config.model`` plus the data's image geometry."""
+    """The fields that fix the parameter tree: ``config.model`` plus the data's image geometry.
+
+    A field missing from ``config`` (a ``config.json`` written before the field existed) has
+    its default; ``num_pseudo_inputs`` counts only for ``prior="vamp"``.
+    """
     d = config if isinstance(config, dict) else to_dict(config)
-    model = dict(d["model"])
+    model = {**to_dict(base_config())["model"], **d["model"]}
+    if model["prior"] != "vamp":
+        del model["num_pseudo_inputs"]
     data = d["data"]
     for k in ("name", "image_size", "center_crop"):
         model[f"data.{k}"] = data.get(k)
@@ -264,6 +286,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": _NUM_GE(0),
     "kl_warmup_steps": _INT_GE(0),
     "kld_weight": _NUM_GE(0),
+    "gradient_estimator": _ONE_OF(*dict.fromkeys(sum(GRADIENT_ESTIMATORS.values(), ()))),
     "data.name": _NONEMPTY_STR,
     "data.data_dir": _OPT_STR,
     "data.manual_dir": _OPT_STR,
@@ -293,6 +316,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.obs_logvar": (_is_number, "a finite number"),
     "model.conv_impl": _ONE_OF(*layers.IMPLS),
     "model.dtype": _ONE_OF("float32", "bfloat16"),
+    "model.prior": _ONE_OF(*models.PRIORS),
+    "model.num_pseudo_inputs": _INT_GE(1),
     "optimizer.name": _ONE_OF(*OPTIMIZERS),
     "optimizer.learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "optimizer.schedule": _ONE_OF(*SCHEDULES),
@@ -377,6 +402,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         "--config.beta=1 --config.kl_warmup_steps=0 (or --config.objective=elbo for a "
         "weighted KL).",
     )
+    estimators = GRADIENT_ESTIMATORS[config.objective]
+    need(
+        config.gradient_estimator in estimators,
+        f"config.gradient_estimator={config.gradient_estimator!r} does not apply to "
+        f"config.objective={config.objective!r}, which takes "
+        f"{' or '.join(map(repr, estimators))}: 'stl' goes with --config.objective=elbo, 'dreg' "
+        "with --config.objective=iwae.",
+    )
+    need(
+        config.model.prior == "standard" or config.objective in ("elbo", "iwae"),
+        f"config.model.prior={config.model.prior!r} needs a likelihood objective, got "
+        f"config.objective={config.objective!r} (its KL is to N(0, I)); use "
+        "--config.objective=elbo or --config.objective=iwae.",
+    )
     need(
         config.model.decoder_type != "mlp" or len(config.model.decoder_hidden_dims) > 0,
         "config.model.decoder_type='mlp' needs its hidden widths, e.g. "
@@ -410,6 +449,7 @@ def resume_config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 __all__ = [
     "ConfigError",
+    "GRADIENT_ESTIMATORS",
     "OBJECTIVES",
     "OPTIMIZERS",
     "SCHEDULES",

@@ -43,7 +43,9 @@ SUM_KEYS = ("neg_elbo", "reconstruction", "kl", "nll_iwae", "count")
 
 
 def decoder_bytes_per_sample(model: models.VAE, variables: Any, log_likelihood_fn) -> int:
-    """Bytes one decoded sample adds to a decoder call (decode + log-likelihood, eval mode).
+    """Bytes one decoded sample adds to a decoder call (decode, log-likelihood and log prior,
+    eval mode; the VampPrior holds ``M`` terms per sample, more than an MLP decoder's
+    activations for thousands of components).
 
     XLA's own figure: the temporary buffers of the compiled program
     (``compile().memory_analysis()``) for 64 samples minus those for 32, per sample, so
@@ -51,13 +53,23 @@ def decoder_bytes_per_sample(model: models.VAE, variables: Any, log_likelihood_f
     leaves). Compiles two small programs (JAX's compilation cache keeps them).
     """
 
+    # The VampPrior's components are inputs here: encoding the pseudo-inputs inside would add a
+    # large per-call constant whose buffers XLA reuses for the samples' (measured: the
+    # difference then fell below the decoder's own bytes per sample).
+    components = jax.ShapeDtypeStruct((model.num_pseudo_inputs, model.latent_dim), jnp.float32)
+    prior_args = (components, components) if model.prior == "vamp" else ()
+
     def temp_bytes(n: int) -> int:
-        def fn(v, z, x):
-            return log_likelihood_fn(x, model.apply(v, z, train=False, method="decode"))
+        def fn(v, z, x, *prior_args):
+            log_px_z = log_likelihood_fn(x, model.apply(v, z, train=False, method="decode"))
+            if not prior_args:
+                return log_px_z + losses.gaussian_log_density(z)
+            return log_px_z + losses.mixture_gaussian_log_density(z, *prior_args)
 
         z = jax.ShapeDtypeStruct((n, model.latent_dim), jnp.float32)
         x = jax.ShapeDtypeStruct((n, *model.image_shape), jnp.float32)
-        return jax.jit(fn).lower(variables, z, x).compile().memory_analysis().temp_size_in_bytes
+        compiled = jax.jit(fn).lower(variables, z, x, *prior_args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
 
     small, large = 32, 64
     return max(1, -(-(temp_bytes(large) - temp_bytes(small)) // (large - small)))
@@ -101,7 +113,8 @@ def make_eval_step(
     """``eval_step(variables, images [B,H,W,C], mask [B], key, offset) -> sums`` (replicated).
 
     ``sums`` holds the masked sums over the global batch of ``-ELBO``, ``E_q log p(x|z)``,
-    ``KL`` and ``-log p_IWAE(x)`` (K = ``config.eval.iwae_samples``), and ``count``. Row ``i``
+    ``KL`` and ``-log p_IWAE(x)`` (K = ``config.eval.iwae_samples``), and ``count``, under the
+    model's prior (for the VampPrior the KL is a one-sample Monte-Carlo estimate). Row ``i``
     is example ``offset + i`` of the split and draws its noise from ``fold_in(key, offset +
     i)`` (module docstring). The IWAE decoder calls are sized by :func:`iwae_plan` from
     ``config.eval.memory_mb``.
@@ -116,12 +129,15 @@ def make_eval_step(
         chunk, rows = plan(images.shape[0])
         pairs = jax.vmap(jax.random.split)(keys)  # [b, 2]: ELBO and IWAE keys per example
         mean, logvar = model.apply(variables, images, train=False, method="encode")
+        prior = model.apply(variables, method="prior_log_density_fn")
 
         def decode_fn(z):
             return model.apply(variables, z, train=False, method="decode")
 
         def elbo_terms(keys, x, m, lv):
-            return losses.elbo(keys, decode_fn, x, m, lv, log_likelihood_fn)
+            return losses.elbo(
+                keys, decode_fn, x, m, lv, log_likelihood_fn, prior_log_density=prior
+            )
 
         elbo_args = (pairs[:, 0], images, mean, logvar)
         if rows is None:
@@ -138,6 +154,7 @@ def make_eval_step(
             num_samples=num_samples,
             chunk_size=chunk,
             batch_chunk_size=rows,
+            prior_log_density=prior,
         )
         w = mask.astype(jnp.float32)
         sums = {

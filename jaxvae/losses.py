@@ -73,6 +73,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 #: :func:`iwae_log_likelihood`. Peak memory grows linearly with it.
 DEFAULT_IWAE_CHUNK_SIZE = 64
 
+#: The ``gradient_estimator=`` values of :func:`elbo` and of :func:`iwae_bound`.
+ELBO_GRADIENT_ESTIMATORS = ("standard", "stl")
+IWAE_GRADIENT_ESTIMATORS = ("standard", "dreg")
+
 
 def _check_same_shape(name_a: str, a: Array, name_b: str, b: Array) -> None:
     if jnp.shape(a) != jnp.shape(b):
@@ -587,7 +591,7 @@ def _log_weight_terms(
     The three terms of :func:`log_importance_weights` (see there for the estimators).
     """
     _check_posterior_and_data(x, mean, logvar)
-    _check_estimator(gradient_estimator, ("standard", "stl", "dreg"))
+    _check_estimator(gradient_estimator, (*ELBO_GRADIENT_ESTIMATORS, "dreg"))
     mean, logvar, eps = jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(eps)
     if eps.ndim != mean.ndim + 1 or eps.shape[1:] != mean.shape:
         raise ValueError(
@@ -691,7 +695,7 @@ def elbo(
       >>> float(jnp.abs(jax.grad(lambda m: stl(m)[0].sum())(mean)).max()) < 1e-6
       True
     """
-    _check_estimator(gradient_estimator, ("standard", "stl"))
+    _check_estimator(gradient_estimator, ELBO_GRADIENT_ESTIMATORS)
     if prior_log_density is None and gradient_estimator == "standard":
         reconstruction = mc_reconstruction(
             key, decode_fn, x, mean, logvar, log_likelihood_fn, num_samples=num_samples
@@ -890,7 +894,7 @@ def iwae_bound(
     """
     _check_posterior_and_data(x, mean, logvar)
     _check_num_samples(num_samples)
-    _check_estimator(gradient_estimator, ("standard", "dreg"))
+    _check_estimator(gradient_estimator, IWAE_GRADIENT_ESTIMATORS)
     mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
     eps = _noise(key, (num_samples, *mean.shape), mean, logvar)
     log_w = log_importance_weights(
@@ -1135,6 +1139,8 @@ def vanilla_vae_loss(
 
 __all__ = [
     "DEFAULT_IWAE_CHUNK_SIZE",
+    "ELBO_GRADIENT_ESTIMATORS",
+    "IWAE_GRADIENT_ESTIMATORS",
     "bernoulli_log_likelihood",
     "bits_per_dim",
     "elbo",

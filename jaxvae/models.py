@@ -41,6 +41,7 @@ Parameter tree (stable; ``jaxvae.convert`` and checkpoints rely on it)::
     params/encoder/{conv_i, bn_i (i < L), fc_mu, fc_var}
     params/decoder/{decoder_input, conv_transpose_i, bn_i (i < L - 1),
                     final_conv_transpose, final_bn, final_conv}
+    params/pseudo_inputs (prior="vamp" only: [M, H, W, C])
     batch_stats/encoder/bn_i, batch_stats/decoder/{bn_i, final_bn}
 
 Index ``i`` follows PyTorch's ``encoder.{i}`` / ``decoder.{i}`` (decoder level 0 is the one right
@@ -74,6 +75,11 @@ from jaxvae import layers, losses
 LIKELIHOODS = ("bernoulli", "gaussian")
 OUTPUT_ACTIVATIONS = ("tanh", "none")
 DECODERS = ("conv", "mlp")
+PRIORS = ("standard", "vamp")
+
+# Pseudo-inputs of the VampPrior start as this much N(0, 1) noise around the all-zero image
+# (VAE.prior's docstring).
+PSEUDO_INPUT_INIT_STD = 0.01
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 (weight of the new batch) == Flax's 0.9 (weight
 # of the old running value); epsilon 1e-5.
@@ -267,6 +273,23 @@ class VAE(nn.Module):
         ``hidden_dims`` (VanillaVAE). Given: the conv decoder's levels (so the encoder can be
         wider than the decoder, which runs K times per image in an IWAE evaluation) or the
         MLP's hidden widths (required for ``"mlp"``).
+      prior: ``"standard"`` (``N(0, I)``, VanillaVAE's; the default) or ``"vamp"``, the
+        VampPrior of Tomczak & Welling (2018): the equal-weight mixture of the encoder's
+        posteriors at ``num_pseudo_inputs`` learned images ``pseudo_inputs [M, H, W, C]``,
+
+            p(z) = (1/M) sum_m q(z | u_m),
+
+        a parameter of the model next to the encoder and the decoder (the standard prior's
+        tree is unchanged). See :meth:`prior_log_density_fn` for how the training and
+        evaluation use it and how BatchNorm treats the pseudo-inputs.
+        Initialisation: ``u_m = 0.01 * N(0, 1)`` per pixel, small noise around the all-zero
+        image (small Gaussian noise is also the default of Tomczak & Welling's code). At the
+        start the components are then nearly one Gaussian, the posterior of a blank image,
+        and the noise breaks the symmetry between them; training moves them apart.
+        Initialising from random training images (their other option) would need the input
+        pipeline when the model is built; the noise needs nothing and is the same for every
+        dataset and pixel range. The pseudo-inputs are not constrained to the data's range.
+      num_pseudo_inputs: ``M``, the VampPrior's number of components (``"vamp"`` only).
     """
 
     latent_dim: int
@@ -278,8 +301,14 @@ class VAE(nn.Module):
     dtype: Any = jnp.float32
     decoder_type: str = "conv"
     decoder_hidden_dims: Sequence[int] | None = None
+    prior: str = "standard"
+    num_pseudo_inputs: int = 500
 
     def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.num_pseudo_inputs < 1:
+            raise ValueError(f"num_pseudo_inputs must be >= 1, got {self.num_pseudo_inputs}")
         if self.decoder_type not in DECODERS:
             raise ValueError(f"decoder_type must be one of {DECODERS}, got {self.decoder_type!r}")
         if self.decoder_type == "mlp" and not self.decoder_hidden_dims:
@@ -324,6 +353,11 @@ class VAE(nn.Module):
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,
             )
+        if self.prior == "vamp":
+            shape = (self.num_pseudo_inputs, *self.image_shape)
+            self.pseudo_inputs = self.param(
+                "pseudo_inputs", nn.initializers.normal(PSEUDO_INPUT_INIT_STD), shape, jnp.float32
+            )
 
     def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """``x: [..., H, W, C]`` -> ``(mean [..., D], logvar [..., D])``."""
@@ -364,9 +398,61 @@ class VAE(nn.Module):
         z = losses.reparameterize(key, mean, logvar)
         return self.decode(z, train=train), mean, logvar
 
+    def pseudo_posteriors(self) -> tuple[jax.Array, jax.Array]:
+        """The VampPrior's components: ``(means [M, D], logvars [M, D])`` of ``q(z | u_m)``.
+
+        The pseudo-inputs are encoded with BatchNorm's running statistics (``train=False``),
+        also inside a training step (see :meth:`prior_log_density_fn`).
+        """
+        if self.prior != "vamp":
+            raise ValueError(f"the model has no pseudo-inputs: prior={self.prior!r}, not 'vamp'")
+        return self.encode(self.pseudo_inputs, train=False)
+
+    def prior_log_density_fn(self) -> Callable[[jax.Array], jax.Array] | None:
+        """The ``prior_log_density=`` argument of :mod:`jaxvae.losses` for this model.
+
+        ``None`` for ``prior="standard"``: the losses' own ``N(0, I)``, with the closed-form
+        KL. For ``"vamp"``: ``z [..., D] -> log p(z) [...]``, the mixture of
+        :meth:`pseudo_posteriors` (``losses.mixture_gaussian_log_density``), whose
+        components are encoded once, here, however often the function is called (the
+        chunks of ``losses.iwae_log_likelihood``).
+
+        BatchNorm: the pseudo-inputs are encoded with the running statistics
+        (``train=False``), also in a training step, whose images are encoded with their batch
+        statistics. So the ``M`` pseudo-inputs (500 by default, more than a batch) neither
+        enter nor perturb the statistics of the training batch, which stay those of the data,
+        and the prior is the same function of the variables in training as in evaluation
+        and sampling (which run in eval mode). Its gradient reaches the pseudo-inputs and
+        the encoder's parameters, not the running statistics. In a training step the prior
+        is built before the batch is encoded, so it uses the statistics the step started
+        from.
+        """
+        if self.prior == "standard":
+            return None
+        means, logvars = self.pseudo_posteriors()
+        return lambda z: losses.mixture_gaussian_log_density(z, means, logvars)
+
+    def prior_log_density(self, z: jax.Array) -> jax.Array:
+        """``log p(z)`` ``[...]`` for ``z: [..., D]``: ``N(0, I)`` or the VampPrior."""
+        return (self.prior_log_density_fn() or losses.gaussian_log_density)(z)
+
+    def sample_prior(self, key: jax.Array, num_samples: int) -> jax.Array:
+        """Latents ``z ~ p(z)``, ``[num_samples, D]`` (float32).
+
+        ``N(0, I)``: ``normal(key, (num_samples, D))``. VampPrior: for each sample a
+        component ``m`` uniform in ``0..M-1``, then ``z ~ q(z | u_m)`` (eval mode).
+        """
+        if self.prior == "standard":
+            return jax.random.normal(key, (num_samples, self.latent_dim), jnp.float32)
+        component_key, noise_key = jax.random.split(key)
+        means, logvars = self.pseudo_posteriors()
+        m = jax.random.randint(component_key, (num_samples,), 0, self.num_pseudo_inputs)
+        return losses.reparameterize(noise_key, means[m], logvars[m])
+
     def sample(self, key: jax.Array, num_samples: int) -> jax.Array:
-        """Mean images ``[num_samples, H, W, C]`` of ``decode(z)``, ``z ~ N(0, I)`` (eval mode)."""
-        z = jax.random.normal(key, (num_samples, self.latent_dim), jnp.float32)
+        """Mean images ``[num_samples, H, W, C]`` of ``decode(z)``, ``z ~ p(z)``
+        (:meth:`sample_prior`; eval mode)."""
+        z = self.sample_prior(key, num_samples)
         return mean_image(self.likelihood, self.decode(z, train=False))
 
     def reconstruct(self, x: jax.Array) -> jax.Array:
@@ -410,6 +496,8 @@ __all__ = [
     "DECODERS",
     "LIKELIHOODS",
     "OUTPUT_ACTIVATIONS",
+    "PRIORS",
+    "PSEUDO_INPUT_INIT_STD",
     "VAE",
     "ConvDecoder",
     "ConvEncoder",

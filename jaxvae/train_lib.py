@@ -167,7 +167,7 @@ def _train(
                     continue
                 # The only sync with the devices per window; nothing non-finite goes further.
                 host = jax.device_get(pending)
-                _checkfinite(host, window_start, s, saved_step)
+                _check_finite(host, window_start, s, saved_step)
                 record: dict[str, float] = {}  # one metrics.jsonl line per logged step
                 if do_log:
                     rate = timer.mark((done - window_start) * cfg.batch_size)
@@ -181,7 +181,7 @@ def _train(
                 t0 = time.perf_counter()
                 if do_eval:
                     ev = run_eval(s, eval_step, state)
-                    _checkfinite([ev], done - 1, s, saved_step, prefix="test_")
+                    _check_finite([ev], done - 1, s, saved_step, prefix="test_")
                     last_eval = as_test_metrics(ev)
                     record.update(last_eval)
                     if is_main:
@@ -233,7 +233,7 @@ class TrainingDivergedError(RuntimeError):
     """A loss, gradient or test metric became NaN/inf; nothing from that step on was saved."""
 
 
-def _checkfinite(
+def _check_finite(
     window: list[dict[str, Any]],
     first_step: int,
     s: Setup,

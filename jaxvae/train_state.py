@@ -48,6 +48,8 @@ def build_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
         decoder_type=m.decoder_type,
         # () = mirror hidden_dims (VanillaVAE).
         decoder_hidden_dims=tuple(m.decoder_hidden_dims) or None,
+        prior=m.prior,
+        num_pseudo_inputs=m.num_pseudo_inputs,
     )
 
 

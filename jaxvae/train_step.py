@@ -13,7 +13,10 @@ TPU pod slice.
 
 The objective is computed by :mod:`jaxvae.losses` (``elbo``, ``iwae_bound``, or
 ``reparameterize`` + ``vanilla_vae_loss``) with the model's encoder and its decoder passed as
-``decode_fn``: the functions researchers import are the ones that train.
+``decode_fn``: the functions researchers import are the ones that train. They also get
+``config.gradient_estimator`` (``"stl"`` for the ELBO, ``"dreg"`` for the IWAE bound) as
+``gradient_estimator=`` and the model's prior (the VampPrior for ``config.model.prior =
+"vamp"``) as ``prior_log_density=``.
 
 Noise. Example ``i`` of step ``t``'s global batch has the key ``fold_in(fold_in(state.key, t),
 i)`` (``losses.example_keys``), and :mod:`jaxvae.losses` draws its noise from that key alone.
@@ -54,39 +57,76 @@ def kl_beta(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
 
 # The objectives are Flax methods (``model.apply(..., method=fn)``): the encoder and the
 # decoder run in training mode with their BatchNorm statistics updated in place. Each returns
-# ``(loss, terms)`` where ``terms`` holds per-example ``[B]`` values for the metrics.
+# ``(loss, terms)`` where ``terms`` holds per-example ``[B]`` values for the metrics. The prior
+# (``module.prior_log_density_fn()``: None for N(0, I), else the VampPrior) is built before the
+# batch is encoded, from the running statistics the step starts with (models.VAE).
 
 
-def _elbo(module: models.VAE, x, keys, beta, *, log_likelihood_fn):
-    """``-mean(ELBO_beta)``, with ``losses.elbo`` (one sample, analytic KL)."""
+def _recorded(fn: Callable, calls: list) -> Callable:
+    """``fn``, appending ``(args, fn(*args))`` to ``calls`` at each call.
+
+    For the metrics: the objectives read the values a loss computed instead of computing them a
+    second time. The wrapped functions run in the primal computation (``jaxvae.losses`` calls
+    them outside its ``custom_vjp``), so what is recorded belongs to the step's own trace.
+    """
+
+    def wrapped(*args):
+        calls.append((args, fn(*args)))
+        return calls[-1][1]
+
+    return wrapped
+
+
+def _elbo(module: models.VAE, x, keys, beta, *, log_likelihood_fn, gradient_estimator):
+    """``-mean(ELBO_beta)``, with ``losses.elbo`` (one sample; analytic KL for ``N(0, I)`` and
+    ``"standard"``, else Monte Carlo). The reported KL is the analytic one whenever the prior is
+    ``N(0, I)``, whatever the estimator."""
+    prior = module.prior_log_density_fn()
     mean, logvar = module.encode(x, train=True)
     decode = functools.partial(module.decode, train=True)
     value, reconstruction, kl = losses.elbo(
-        keys, decode, x, mean, logvar, log_likelihood_fn, beta=beta
+        keys,
+        decode,
+        x,
+        mean,
+        logvar,
+        log_likelihood_fn,
+        beta=beta,
+        gradient_estimator=gradient_estimator,
+        prior_log_density=prior,
     )
+    if prior is None:
+        kl = losses.gaussian_kl(mean, logvar)
     return -jnp.mean(value), {"reconstruction": reconstruction, "kl": kl}
 
 
-def _iwae(module: models.VAE, x, keys, beta, *, log_likelihood_fn, num_samples):
+def _iwae(module: models.VAE, x, keys, beta, *, log_likelihood_fn, num_samples, gradient_estimator):
     """``-mean(IWAE_K)``, with ``losses.iwae_bound``; ``beta`` is not used by this bound."""
     del beta
+    prior = module.prior_log_density_fn()
     mean, logvar = module.encode(x, train=True)
     decode = functools.partial(module.decode, train=True)
-    # The reported reconstruction term is the mean of log p(x|z_k) over the K samples: record
-    # the values the bound computes instead of decoding the samples a second time.
-    recorded = []
-
-    def log_likelihood(x, outputs):
-        recorded.append(log_likelihood_fn(x, outputs))
-        return recorded[-1]
-
+    # The reported reconstruction term is the mean of log p(x|z_k) over the K samples, and,
+    # for a prior other than N(0, I), the KL is the mean of log q(z_k|x) - log p(z_k): the
+    # values the bound computes are recorded instead of decoding the samples a second time.
+    likelihoods, priors = [], []
     bound = losses.iwae_bound(
-        keys, decode, x, mean, logvar, log_likelihood, num_samples=num_samples
+        keys,
+        decode,
+        x,
+        mean,
+        logvar,
+        _recorded(log_likelihood_fn, likelihoods),
+        num_samples=num_samples,
+        gradient_estimator=gradient_estimator,
+        prior_log_density=None if prior is None else _recorded(prior, priors),
     )
-    terms = {
-        "reconstruction": jnp.mean(recorded[0], axis=0),
-        "kl": losses.gaussian_kl(mean, logvar),
-    }
+    if prior is None:
+        kl = losses.gaussian_kl(mean, logvar)
+    else:
+        (z,), log_pz = priors[0]
+        kl = jnp.mean(losses.gaussian_log_density(z, mean, logvar) - log_pz, axis=0)
+    terms = {"reconstruction": jnp.mean(likelihoods[0][1], axis=0), "kl": kl}
     return -jnp.mean(bound), terms
 
 
@@ -108,15 +148,21 @@ def _vanilla(module: models.VAE, x, keys, beta, *, log_likelihood_fn, likelihood
 
 def make_objective(config: ml_collections.ConfigDict) -> Callable:
     """The Flax method ``fn(module, x [B,H,W,C], keys [B], beta) -> (loss, terms)`` of
-    ``config.objective``."""
+    ``config.objective`` with ``config.gradient_estimator``."""
     log_likelihood_fn = models.make_log_likelihood_fn(
         config.model.likelihood, config.model.obs_logvar
     )
+    estimator = config.gradient_estimator
     if config.objective == "elbo":
-        return functools.partial(_elbo, log_likelihood_fn=log_likelihood_fn)
+        return functools.partial(
+            _elbo, log_likelihood_fn=log_likelihood_fn, gradient_estimator=estimator
+        )
     if config.objective == "iwae":
         return functools.partial(
-            _iwae, log_likelihood_fn=log_likelihood_fn, num_samples=config.iwae_samples
+            _iwae,
+            log_likelihood_fn=log_likelihood_fn,
+            num_samples=config.iwae_samples,
+            gradient_estimator=estimator,
         )
     if config.objective == "vanilla_vae_loss":
         return functools.partial(
@@ -146,8 +192,9 @@ def make_train_step(
 
     ``images`` is the global batch sharded over ``"data"`` (``B`` a multiple of the number of
     devices). Metrics are replicated scalars (global-batch means): ``loss`` (the optimised
-    objective), ``neg_elbo`` (beta = 1, analytic KL), ``reconstruction`` (``log p(x|z)``; the
-    mean over the ``K`` samples for ``objective="iwae"``), ``kl``, ``beta``, ``grad_norm``,
+    objective), ``neg_elbo`` (beta = 1), ``reconstruction`` (``log p(x|z)``; the mean over the
+    ``K`` samples for ``objective="iwae"``), ``kl`` (analytic for ``N(0, I)``, a Monte-Carlo
+    estimate on the same samples for the VampPrior), ``beta``, ``grad_norm``,
     ``param_norm`` (after the update); plus ``mse`` for the ``vanilla_vae_loss`` objective.
     """
     objective = make_objective(config)

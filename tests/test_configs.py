@@ -104,6 +104,72 @@ def test_batch_not_divisible_by_devices_names_the_fix():
         config_utils.validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize(
+    ("objective", "estimator", "prior", "match"),
+    [
+        ("elbo", "dreg", "standard", r"gradient_estimator='dreg' does not apply to .*'elbo'"),
+        ("iwae", "stl", "standard", r"'stl' goes with --config.objective=elbo"),
+        ("vanilla_vae_loss", "stl", "standard", r"takes 'standard':"),
+        ("elbo", "rws", "standard", r"gradient_estimator='rws' .* one of 'standard', 'stl', "),
+        ("vanilla_vae_loss", "standard", "vamp", r"prior='vamp' needs .*--config.objective=elbo"),
+        ("elbo", "standard", "gmm", r"model.prior='gmm' .* one of 'standard', 'vamp'"),
+    ],
+)
+def test_estimator_and_prior_combinations_are_validated(objective, estimator, prior, match):
+    """One line naming the valid combination; the valid ones pass."""
+    config = load("mnist")
+    config.objective, config.gradient_estimator, config.model.prior = objective, estimator, prior
+    with pytest.raises(config_utils.ConfigError, match=match) as e:
+        config_utils.validate(config, 1)
+    assert "\n" not in str(e.value)
+    for objective, estimators in config_utils.GRADIENT_ESTIMATORS.items():
+        for estimator in estimators:
+            config = load("mnist")
+            config.objective, config.gradient_estimator = objective, estimator
+            config_utils.validate(config, 1)
+    config = load("mnist_vamp")
+    config.model.num_pseudo_inputs = 0
+    with pytest.raises(config_utils.ConfigError, match="num_pseudo_inputs=0 .* >= 1"):
+        config_utils.validate(config, 1)
+
+
+def _flat(config) -> dict:
+    return {k: config_utils._get(config, k) for k in config_utils.leaf_keys(config)}
+
+
+def test_option_configs_change_only_their_options():
+    def diff(a, b):
+        fa, fb = _flat(load(a)), _flat(load(b))
+        return {k: fb[k] for k in fa if fa[k] != fb[k]}
+
+    assert diff("mnist_iwae", "mnist_iwae_dreg") == {
+        "name": "mnist_iwae_dreg",
+        "gradient_estimator": "dreg",
+    }
+    assert diff("mnist_nll", "mnist_vamp") == {"name": "mnist_vamp", "model.prior": "vamp"}
+    assert diff("mnist_iwae_dreg", "mnist_iwae_vamp_dreg") == {
+        "name": "mnist_iwae_vamp_dreg",
+        "model.prior": "vamp",
+    }
+    assert load("mnist_vamp").model.num_pseudo_inputs == 500
+
+
+def test_model_signature_of_the_prior():
+    """A config.json written before the prior existed is the standard prior's (old workdirs
+    stay usable); the prior is part of the model; the number of pseudo-inputs is, for "vamp"."""
+    new = config_utils.to_dict(load("tiny"))
+    old = config_utils.to_dict(load("tiny"))
+    del old["model"]["prior"], old["model"]["num_pseudo_inputs"]
+    assert config_utils.model_config_diff(old, new) == []
+    new["model"]["num_pseudo_inputs"] = 7  # ignored by the standard prior
+    assert config_utils.model_config_diff(old, new) == []
+    new["model"]["prior"] = "vamp"
+    assert config_utils.model_config_diff(old, new) == [
+        "num_pseudo_inputs: None -> 7",
+        "prior: 'standard' -> 'vamp'",
+    ]
+
+
 def test_model_config_diff_names_changed_fields():
     a = config_utils.to_dict(load("tiny"))
     b = config_utils.to_dict(load("tiny"))

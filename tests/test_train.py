@@ -10,10 +10,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxvae import checkpointing, config_utils, inference, run_setup, train_lib
+from jaxvae import checkpointing, config_utils, inference, run_setup, train_lib, train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 40  # mock split size: eval batches of 16 -> 16, 16, 8 real + 8 masked
@@ -185,6 +186,33 @@ def test_iwae_objective_with_mlp_decoder_resumes_exactly(mock, tmp_path):
     a, b = final_params(whole, config()), final_params(half, config())
     assert set(a["params"]["decoder"]) == {"dense_0", "output"}
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_vamp_prior_with_dreg_resumes_exactly(mock, tmp_path):
+    """objective="iwae" (K = 3), gradient_estimator="dreg", prior="vamp" (5 pseudo-inputs):
+    2 steps + resume to 4 == 4 steps, the pseudo-inputs included (and moved by training);
+    the evaluation at step 4 reports the VampPrior model's metrics; a standard-prior config
+    is refused on that workdir."""
+
+    def config(**kw):
+        c = tiny_config(objective="iwae", iwae_samples=3, gradient_estimator="dreg", **kw)
+        c.model.prior, c.model.num_pseudo_inputs = "vamp", 5
+        return c
+
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    full = train_lib.train_and_evaluate(config(), whole)
+    assert full["step"] == 4 and np.isfinite(full["test_nll_iwae"])
+    assert full["test_nll_iwae"] < full["test_neg_elbo"] + 5.0
+    assert train_lib.train_and_evaluate(config(num_train_steps=2), half)["step"] == 2
+    assert train_lib.train_and_evaluate(config(), half)["step"] == 4
+    a, b = final_params(whole, config()), final_params(half, config())
+    assert a["params"]["pseudo_inputs"].shape == (5, 28, 28, 1)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    model = train_state.build_model(config(), (28, 28, 1))
+    start = train_state.init_train_state(model, optax.identity(), 0).params["pseudo_inputs"]
+    assert np.abs(a["params"]["pseudo_inputs"] - start).max() > 1e-3
+    with pytest.raises(run_setup.WorkdirMismatchError, match="prior: 'vamp' -> 'standard'"):
+        train_lib.train_and_evaluate(tiny_config(), whole)
 
 
 def test_workdir_with_other_model_is_refused_and_untouched(full_run, mock):

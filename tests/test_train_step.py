@@ -31,35 +31,66 @@ def _step_noise(state, num_samples: int, latent_dim: int) -> jax.Array:
     return jnp.stack(per_example, axis=1)
 
 
-def _forward(module, x, eps):
-    """Flax method: encode, ``z = mean + sigma * eps`` for ``eps [K, B, D]``, decode (train)."""
-    mean, logvar = module.encode(x, train=True)
-    z = mean + jnp.exp(0.5 * logvar) * eps
-    return module.decode(z, train=True), z, mean, logvar
+def _vamp_log_density(model, variables, z):
+    """The VampPrior from its definition: ``log (1/M) sum_m N(z; mu_m, e^lv_m)`` for ``z [..., D]``,
+    ``(mu_m, lv_m)`` the encoder's outputs at pseudo-input ``m`` with BatchNorm's running
+    statistics (the ones in ``variables``: those the step starts from)."""
+    u = variables["params"]["pseudo_inputs"]
+    mu, lv = model.apply(variables, u, train=False, method="encode")
+    per_component = [losses.gaussian_log_density(z, mu[m], lv[m]) for m in range(len(u))]
+    return jax.nn.logsumexp(jnp.stack(per_component, axis=-1), axis=-1) - np.log(len(u))
 
 
 def _reference_loss(model, config, variables, images, eps):
-    """(loss, new batch_stats): each objective written from its definition, on one device."""
+    """(loss, new batch_stats): each objective written from its definition, on one device.
+
+    The prior is N(0, I) or the VampPrior; STL and DReG differentiate ``log q(z|x)`` along ``z``
+    only (``q``'s parameters held fixed in its density). For DReG the loss has the value of the
+    IWAE bound and the gradient of Tucker et al.'s surrogate: the encoder's from ``sum_k
+    w~_k^2 log w_k`` with ``z`` live and the decoder and the prior held fixed, theirs from
+    ``logsumexp_k log w_k`` at fixed ``z`` (exact for a decoder without BatchNorm, whose
+    samples do not interact: the DReG tests use the MLP decoder)."""
+    sg = jax.lax.stop_gradient
     ll = models.make_log_likelihood_fn(config.model.likelihood, config.model.obs_logvar)
-    (outputs, z, mean, logvar), upd = model.apply(
-        variables, images, eps, method=_forward, mutable=["batch_stats"]
+    (mean, logvar), enc = model.apply(
+        variables, images, train=True, method="encode", mutable=["batch_stats"]
     )
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    q = (mean, logvar) if config.gradient_estimator == "standard" else (sg(mean), sg(logvar))
+
+    def log_weights(v, z):
+        """``log p(x|z) + log p(z) - log q(z|x)`` ``[K, B]``, decoder outputs and statistics."""
+        outputs, dec = model.apply(v, z, train=True, method="decode", mutable=["batch_stats"])
+        if config.model.prior == "vamp":
+            log_pz = _vamp_log_density(model, v, z)
+        else:
+            log_pz = losses.gaussian_log_density(z)
+        log_w = ll(images, outputs) + log_pz - losses.gaussian_log_density(z, *q)
+        return log_w, outputs, dec["batch_stats"]
+
+    log_w, outputs, decoder_stats = log_weights(variables, z)
+    stats = {**decoder_stats, "encoder": enc["batch_stats"]["encoder"]}
     if config.objective == "elbo":
-        loss = jnp.mean(losses.gaussian_kl(mean, logvar) - ll(images, outputs[0]))
+        if config.model.prior == "vamp" or config.gradient_estimator == "stl":
+            loss = -jnp.mean(log_w[0])  # the KL by Monte Carlo
+        else:
+            loss = jnp.mean(losses.gaussian_kl(mean, logvar) - ll(images, outputs[0]))
     elif config.objective == "iwae":
-        log_w = (
-            ll(images, outputs)
-            + losses.gaussian_log_density(z)
-            - losses.gaussian_log_density(z, mean, logvar)
-        )
-        k = eps.shape[0]
-        loss = -jnp.mean(jax.nn.logsumexp(log_w, axis=0) - np.log(k))
+        loss = -jnp.mean(jax.nn.logsumexp(log_w, axis=0) - np.log(eps.shape[0]))
+        if config.gradient_estimator == "dreg":
+            encoder_part = log_weights(sg(variables), z)[0]
+            model_part = log_weights(variables, sg(z))[0]
+            w = jax.nn.softmax(sg(model_part), axis=0)
+            surrogate = -jnp.mean(
+                jnp.sum(w**2 * encoder_part, axis=0) + jax.nn.logsumexp(model_part, axis=0)
+            )
+            loss = sg(loss) + surrogate - sg(surrogate)
     else:
         recon = models.mean_image(config.model.likelihood, outputs[0])
         sq = jnp.mean(jnp.square(recon - images))
         kl = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), axis=-1))
         loss = sq + config.kld_weight * kl
-    return loss, upd["batch_stats"]
+    return loss, stats
 
 
 def _reference_step(model, tx, config, state, images):
@@ -76,12 +107,35 @@ def _reference_step(model, tx, config, state, images):
     return loss, optax.apply_updates(state.params, updates), batch_stats
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("objective", ["elbo", "iwae", "vanilla_vae_loss"])
-def test_eight_device_step_equals_one_device_step_and_reference(objective, dtype):
+# (objective, gradient_estimator, prior); the DReG cases use the MLP decoder (see
+# _reference_loss).
+OBJECTIVES = [
+    ("elbo", "standard", "standard"),
+    ("iwae", "standard", "standard"),
+    ("vanilla_vae_loss", "standard", "standard"),
+]
+OPTIONS = [
+    ("elbo", "stl", "vamp"),
+    ("iwae", "dreg", "standard"),
+    ("iwae", "dreg", "vamp"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "objective", "estimator", "prior"),
+    [
+        *[("float32", *o) for o in OBJECTIVES + OPTIONS],
+        *[("bfloat16", *o) for o in OBJECTIVES],
+        ("bfloat16", "iwae", "dreg", "vamp"),
+    ],
+)
+def test_eight_device_step_equals_one_device_step_and_reference(objective, estimator, prior, dtype):
     """The step on 8 devices and on 1 device equal a plain one-device step written from the
     objective's definition with the documented noise: loss, updated parameters and BatchNorm
-    statistics (global-batch statistics on every path).
+    statistics (global-batch statistics on every path). Also with the STL and DReG gradient
+    estimators and the VampPrior (5 pseudo-inputs, a parameter replicated over the devices,
+    encoded with the running statistics the step starts from: they leave the batch's
+    statistics alone), whose references are written from their definitions too.
 
     Also in bfloat16, where the reference runs the same bfloat16 model. There the paths round
     to bfloat16 at different places (a weight gradient's contraction split over devices;
@@ -92,9 +146,13 @@ def test_eight_device_step_equals_one_device_step_and_reference(objective, dtype
     forward pass that the rounding barely touches, stay tight. That still fails a gradient
     averaged twice over devices (1/8 of it) or per-device statistics."""
     config = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
-    config.objective = objective
+    config.objective, config.gradient_estimator = objective, estimator
+    config.model.prior, config.model.num_pseudo_inputs = prior, 5
     config.iwae_samples = 3
     config.model.dtype = dtype
+    if estimator == "dreg":
+        config.model.decoder_type, config.model.decoder_hidden_dims = "mlp", (32,)
+    config_utils.validate(config, num_devices=8)
     # SGD: the parameter change is lr * gradient, so this compares gradients (Adam's first step
     # is ~lr * sign(g) and would amplify rounding noise on near-zero gradients).
     lr = 1.0 if objective == "vanilla_vae_loss" else 1e-2
@@ -222,37 +280,50 @@ BF16_GRAD_RTOL = 0.03  # all gradients together (L2)
 BF16_LEAF_RTOL = 0.2  # each gradient leaf
 
 
-def _mp_config(dtype: str, objective: str = "elbo", conv_impl: str = "auto", mlp: bool = False):
+def _mp_config(
+    dtype: str,
+    objective: str = "elbo",
+    conv_impl: str = "auto",
+    mlp: bool = False,
+    vamp_dreg: bool = False,
+):
     config = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
     config.model.dtype, config.model.conv_impl = dtype, conv_impl
     config.objective, config.iwae_samples = objective, 3
     if mlp:
         config.model.decoder_type, config.model.decoder_hidden_dims = "mlp", (32,)
+    if vamp_dreg:
+        config.model.prior, config.model.num_pseudo_inputs = "vamp", 5
+        config.gradient_estimator = "dreg"
     return config
 
 
 @pytest.mark.parametrize(
-    ("objective", "conv_impl", "mlp"),
+    ("objective", "conv_impl", "mlp", "vamp_dreg"),
     [
-        ("elbo", "gemm", False),
-        ("elbo", "xla", False),
-        ("iwae", "gemm", False),
-        ("iwae", "gemm", True),
-        ("vanilla_vae_loss", "gemm", False),
+        ("elbo", "gemm", False, False),
+        ("elbo", "xla", False, False),
+        ("iwae", "gemm", False, False),
+        ("iwae", "gemm", True, False),
+        ("iwae", "gemm", False, True),
+        ("vanilla_vae_loss", "gemm", False, False),
     ],
 )
-def test_bfloat16_step_multiplies_in_bfloat16_and_reduces_in_float32(objective, conv_impl, mlp):
+def test_bfloat16_step_multiplies_in_bfloat16_and_reduces_in_float32(
+    objective, conv_impl, mlp, vamp_dreg
+):
     """The traced 8-device bfloat16 training step (forward, backward, Adam) and evaluation
-    step: every matmul and convolution takes bfloat16 operands only; no reduction (loss sums,
-    log-likelihood and KL sums, logsumexp, BatchNorm statistics, bias gradients) takes a
-    bfloat16 operand, and neither does any sum over devices that XLA inserted into the compiled
-    step (BatchNorm statistics, gradients: ``all-reduce``s of float32 only; and no
-    ``all-gather`` or ``all-to-all``: the step moves no activations between devices); the
-    state comes out float32 as it went in. The float32 step computes nothing in bfloat16."""
+    step (also with the VampPrior and DReG): every matmul and convolution takes bfloat16
+    operands only; no reduction (loss sums, log-likelihood and KL sums, logsumexp, the
+    VampPrior's mixture, BatchNorm statistics, bias gradients) takes a bfloat16 operand, and
+    neither does any sum over devices that XLA inserted into the compiled step (BatchNorm
+    statistics, gradients: ``all-reduce``s of float32 only; and no ``all-gather`` or
+    ``all-to-all``: the step moves no activations between devices); the state comes out
+    float32 as it went in. The float32 step computes nothing in bfloat16."""
     mesh, tx = make_mesh(), optax.adam(1e-3)
     images = jax.ShapeDtypeStruct((BATCH, *SHAPE), jnp.float32)
     for dtype in ("bfloat16", "float32"):
-        config = _mp_config(dtype, objective, conv_impl, mlp)
+        config = _mp_config(dtype, objective, conv_impl, mlp, vamp_dreg)
         model = ts.build_model(config, SHAPE)
         state = ts.abstract_state(lambda m=model: ts.init_train_state(m, tx, 0), mesh)
         step = make_train_step(model, tx, config, mesh)
@@ -294,14 +365,15 @@ def _gradient_recorder() -> optax.GradientTransformation:
     )
 
 
-def _loss_and_grads(config, images):
-    """(loss, gradients) of one 8-device step of ``config`` from the seed-3 initial state."""
+def _step_and_grads(config, images):
+    """(metrics, gradients, new BatchNorm statistics) of one 8-device step of ``config`` from
+    the seed-3 initial state, on the host."""
     tx, mesh = _gradient_recorder(), make_mesh()
     model = ts.build_model(config, SHAPE)
     state0 = jax.jit(lambda: ts.init_train_state(model, tx, 3))()
     step = make_train_step(model, tx, config, mesh)
     new, metrics = step(replicate(state0, mesh), shard_batch(images, mesh))
-    return float(metrics["loss"]), jax.device_get(new.opt_state)
+    return jax.device_get((metrics, new.opt_state, new.batch_stats))
 
 
 def _assert_close_in_bfloat16(want, got) -> float:
@@ -349,8 +421,9 @@ def test_bfloat16_step_loss_and_gradients_match_float32_step(objective):
     bfloat16 spacing is 4) summed from bfloat16 terms and rounded to bfloat16 moved the loss by
     6.8e-4 and the whole gradient by 2.2%, and an encoder kernel's by 26%."""
     images = (np.random.default_rng(5).random((BATCH, *SHAPE)) < 0.3).astype(np.float32)
-    loss32, g32 = _loss_and_grads(_mp_config("float32", objective), images)
-    loss16, g16 = _loss_and_grads(_mp_config("bfloat16", objective), images)
+    m32, g32, _ = _step_and_grads(_mp_config("float32", objective), images)
+    m16, g16, _ = _step_and_grads(_mp_config("bfloat16", objective), images)
+    loss32, loss16 = float(m32["loss"]), float(m16["loss"])
     rel = abs(loss16 / loss32 - 1.0)
     print(f"{objective}: loss f32 {loss32:.5f} bf16 {loss16:.5f} rel {rel:.2e}")
     assert 0.0 < rel < BF16_LOSS_RTOL  # > 0: the bfloat16 step does compute in bfloat16
