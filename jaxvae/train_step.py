@@ -26,7 +26,7 @@ would.
 
 Mixed precision (``config.model.dtype = "bfloat16"``). The model computes in bfloat16 but
 returns float32 means, log-variances and decoder outputs (``jaxvae.models``), so the noise,
-the KL, the log-likelihoods, the IWAE ``logsumexp``, every mean below and the loss are
+the KL, the log-likelihoods, the IWAE bound's log-mean-exp, every mean below and the loss are
 float32; so are the parameters, their gradients, the optimizer state and the BatchNorm
 statistics. Tested in ``tests/test_train_step.py``.
 """
