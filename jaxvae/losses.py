@@ -1010,10 +1010,12 @@ def iwae_log_likelihood(
     def log_weights(kb: Array, xb: Array, mb: Array, lvb: Array, c: Array) -> Array:
         """``[chunk, b]`` log weights of samples ``c * chunk + (0..chunk-1)`` of a block."""
         ks = c * chunk + jnp.arange(chunk)
-        dtype, dim = _noise_dtype(mb, lvb), mb.shape[-1:]
-        draw = lambda k, key_i: jax.random.normal(jax.random.fold_in(key_i, k), dim, dtype)
-        eps = jax.vmap(lambda k: jax.vmap(lambda key_i: draw(k, key_i))(kb.reshape(-1)))(ks)
-        eps = eps.reshape(chunk, *mb.shape)
+
+        def sample(k: Array) -> Array:  # sample k of every example: its key is fold_in(key_i, k)
+            keys_k = jax.vmap(lambda key_i: jax.random.fold_in(key_i, k))(kb.reshape(-1))
+            return _noise(keys_k.reshape(kb.shape), mb.shape, mb, lvb)
+
+        eps = jax.vmap(sample)(ks)  # [chunk, *mb.shape]
         log_w = log_importance_weights(
             decode_fn, xb, mb, lvb, eps, log_likelihood_fn, prior_log_density=prior_log_density
         )
