@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import jax
@@ -372,8 +373,45 @@ def mixture_gaussian_log_density(
         if log_weights is None
         else jax.nn.log_softmax(jnp.asarray(log_weights))
     )
-    components = gaussian_log_density(jnp.expand_dims(z, -2), means, logvars)  # [..., M]
+    z = jnp.asarray(z)
+    flat = _gaussian_components(z.reshape(-1, z.shape[-1]), means, logvars)  # [N, M]
+    components = flat.reshape(*z.shape[:-1], means.shape[0])  # [..., M]
     return jax.nn.logsumexp(components + log_pi, axis=-1)
+
+
+@jax.custom_jvp
+def _gaussian_components(z: Array, means: Array, logvars: Array) -> Array:
+    """``log N(z[n]; means[m], diag e^logvars[m])`` for every pair: ``[N, D], [M, D] -> [N, M]``.
+
+    The value is the direct sum over ``(z - mean)^2`` (XLA fuses it into one reduction, no
+    ``[N, M, D]`` buffer). Its derivatives, left to autodiff, would keep ``[N, M, D]``
+    residuals: 386 ms against 12 ms forward for ``N = 1,280, M = 500, D = 50`` on a 2-core
+    CPU. The JVP below writes them as matrix products instead. The value is not computed
+    that way because ``z^2/var - 2 z mean/var + mean^2/var`` cancels: 0.12 nats of float32
+    error for posteriors with standard deviation 0.01, against 1e-5 for the direct sum.
+    """
+    return gaussian_log_density(z[:, None, :], means, logvars)
+
+
+@_gaussian_components.defjvp
+def _gaussian_components_jvp(primals, tangents):
+    z, means, logvars = primals
+    dz, dmeans, dlogvars = tangents
+    matmul = partial(jnp.matmul, precision=lax.Precision.HIGHEST)  # no bf16 passes
+    precisions = jnp.exp(-logvars)  # [M, D]
+    scaled_means = means * precisions
+    # d/dz and d/dmeans of -1/2 sum_d (z_d - mu_d)^2 p_d: -sum_d (z_d - mu_d) p_d (dz_d - dmu_d).
+    dvalue = -(matmul(z * dz, precisions.T) - matmul(dz, scaled_means.T))
+    dvalue += matmul(z, (precisions * dmeans).T) - jnp.sum(scaled_means * dmeans, axis=-1)
+    # d/dlogvars: -1/2 sum_d dl_d (1 - (z_d - mu_d)^2 p_d).
+    dp = precisions * dlogvars
+    squared = (
+        matmul(jnp.square(z), dp.T)
+        - 2.0 * matmul(z, (means * dp).T)
+        + jnp.sum(jnp.square(means) * dp, axis=-1)
+    )
+    dvalue += -0.5 * (jnp.sum(dlogvars, axis=-1) - squared)
+    return _gaussian_components(z, means, logvars), dvalue
 
 
 def bernoulli_log_likelihood(x: Array, logits: Array, *, event_ndim: int = 3) -> Array:

@@ -415,6 +415,57 @@ def test_mixture_gaussian_log_density():
         assert mixture(z[0, 0], means, logvars).shape == ()
 
 
+def test_mixture_gaussian_derivatives_equal_autodiff_of_the_direct_sum():
+    """The mixture's hand-written JVP (matrix products, no [N, M, D] residuals) equals
+    autodiff of the plain broadcast sum: gradients w.r.t. z, means and logvars (float64, rtol
+    1e-10), a JVP, and the Hessian in z (forward over reverse). Its float32 value stays exact
+    for narrow components (posterior sd 0.01: < 1e-4 nats from float64, where the expanded
+    quadratic form is off by ~0.1)."""
+    rng = np.random.default_rng(11)
+
+    def direct(z, means, logvars):
+        diff = z[..., None, :] - means
+        comps = -0.5 * jnp.sum(math.log(2 * math.pi) + logvars + diff**2 * jnp.exp(-logvars), -1)
+        return jax.nn.logsumexp(comps, axis=-1) - math.log(means.shape[0])
+
+    with _enable_x64(True):
+        args = (
+            jnp.asarray(rng.normal(size=(3, 4, 5))),
+            jnp.asarray(rng.normal(size=(6, 5))),
+            jnp.asarray(rng.normal(size=(6, 5))),
+        )
+        weights = jnp.asarray(rng.normal(size=(3, 4)))
+
+        def scalar(f):
+            return lambda *a: jnp.sum(weights * jnp.sin(f(*a)))
+
+        got = jax.grad(scalar(losses.mixture_gaussian_log_density), argnums=(0, 1, 2))(*args)
+        want = jax.grad(scalar(direct), argnums=(0, 1, 2))(*args)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+        tangents = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
+        _, got_t = jax.jvp(losses.mixture_gaussian_log_density, args, tangents)
+        _, want_t = jax.jvp(direct, args, tangents)
+        np.testing.assert_allclose(got_t, want_t, rtol=1e-10, atol=1e-12)
+        z0 = args[0][0, 0]
+        np.testing.assert_allclose(
+            jax.hessian(lambda z: losses.mixture_gaussian_log_density(z, *args[1:]))(z0),
+            jax.hessian(lambda z: direct(z, *args[1:]))(z0),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        means = 1.5 * rng.normal(size=(50, 20))
+        logvars = np.full((50, 20), 2 * math.log(0.01))
+        z = means[rng.integers(0, 50, size=64)] + 0.01 * rng.normal(size=(64, 20))
+        exact = direct(jnp.asarray(z), jnp.asarray(means), jnp.asarray(logvars))
+    f32 = losses.mixture_gaussian_log_density(
+        jnp.asarray(z, jnp.float32),
+        jnp.asarray(means, jnp.float32),
+        jnp.asarray(logvars, jnp.float32),
+    )
+    assert np.max(np.abs(np.asarray(f32, np.float64) - np.asarray(exact))) < 1e-4
+
+
 # ------------------------------- in a Flax model, under shard_map ----------------------------
 
 
