@@ -373,24 +373,24 @@ def mixture_gaussian_log_density(
         if log_weights is None
         else jax.nn.log_softmax(jnp.asarray(log_weights))
     )
-    z = jnp.asarray(z)
-    flat = _gaussian_components(z.reshape(-1, z.shape[-1]), means, logvars)  # [N, M]
-    components = flat.reshape(*z.shape[:-1], means.shape[0])  # [..., M]
+    components = _gaussian_components(jnp.asarray(z), means, logvars)  # [..., M]
     return jax.nn.logsumexp(components + log_pi, axis=-1)
 
 
 @jax.custom_jvp
 def _gaussian_components(z: Array, means: Array, logvars: Array) -> Array:
-    """``log N(z[n]; means[m], diag e^logvars[m])`` for every pair: ``[N, D], [M, D] -> [N, M]``.
+    """``log N(z; means[m], diag e^logvars[m])`` for every m: ``[..., D], [M, D] -> [..., M]``.
 
     The value is the direct sum over ``(z - mean)^2`` (XLA fuses it into one reduction, no
     ``[N, M, D]`` buffer). Its derivatives, left to autodiff, would keep ``[N, M, D]``
-    residuals: 386 ms against 12 ms forward for ``N = 1,280, M = 500, D = 50`` on a 2-core
-    CPU. The JVP below writes them as matrix products instead. The value is not computed
-    that way because ``z^2/var - 2 z mean/var + mean^2/var`` cancels: 0.12 nats of float32
-    error for posteriors with standard deviation 0.01, against 1e-5 for the direct sum.
+    residuals: 386 ms against 12 ms forward for ``z [10, 128, 50]`` and ``M = 500`` on a
+    2-core CPU. The JVP below writes them as matrix products instead (over ``z``'s leading
+    axes as they are: flattening them would make XLA gather a batch sharded over devices).
+    The value is not computed that way because ``z^2/var - 2 z mean/var + mean^2/var``
+    cancels: 0.12 nats of float32 error for posteriors with standard deviation 0.01, against
+    1e-5 for the direct sum.
     """
-    return gaussian_log_density(z[:, None, :], means, logvars)
+    return gaussian_log_density(jnp.expand_dims(z, -2), means, logvars)
 
 
 @_gaussian_components.defjvp

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jaxpr_walk import BF16, F32, PRODUCTS, dtypes, equations, is_reduction
+from jaxpr_walk import BF16, F32, dtypes, equations, is_float32_sum, is_product, is_reduction
 
 from jaxvae import config_utils, evaluate, losses, models
 from jaxvae import train_state as ts
@@ -315,7 +315,8 @@ def test_bfloat16_step_multiplies_in_bfloat16_and_reduces_in_float32(
     """The traced 8-device bfloat16 training step (forward, backward, Adam) and evaluation
     step (also with the VampPrior and DReG): every matmul and convolution takes bfloat16
     operands only; no reduction (loss sums, log-likelihood and KL sums, logsumexp, the
-    VampPrior's mixture, BatchNorm statistics, bias gradients) takes a bfloat16 operand, and
+    VampPrior's mixture, whose derivatives are float32 sums written as matmuls of
+    ``Precision.HIGHEST``; BatchNorm statistics, bias gradients) takes a bfloat16 operand, and
     neither does any sum over devices that XLA inserted into the compiled step (BatchNorm
     statistics, gradients: ``all-reduce``s of float32 only; and no ``all-gather`` or
     ``all-to-all``: the step moves no activations between devices); the state comes out
@@ -337,13 +338,14 @@ def test_bfloat16_step_multiplies_in_bfloat16_and_reduces_in_float32(
         if dtype == "float32":
             assert not [e for e in eqns if BF16 in dtypes(e.invars) | dtypes(e.outvars)]
             continue
-        products = [e for e in eqns if e.primitive.name in PRODUCTS]
+        products = [e for e in eqns if is_product(e)]
         assert len(products) >= 10
         assert all(dtypes(e.invars) == {BF16} for e in products), [
             (e.primitive.name, dtypes(e.invars)) for e in products
         ]
         reductions = [e for e in eqns if is_reduction(e)]
         assert {e.primitive.name for e in reductions} >= {"reduce_sum", "psum_invariant"}
+        assert any(is_float32_sum(e) for e in reductions) == vamp_dreg
         leaked = [(e.primitive.name, e.source_info) for e in reductions if BF16 in dtypes(e.invars)]
         assert not leaked, leaked
         hlo = step.lower(state, images).compile().as_text()
