@@ -1,10 +1,11 @@
 """``configs/mnist_iwae.py`` with both the VampPrior (500 pseudo-inputs) and DReG gradients.
 
 ``configs/mnist_iwae_dreg.py`` plus ``config.model.prior = "vamp"`` (see
-``configs/mnist_vamp.py``). Costly here: besides encoding the 500 pseudo-inputs, each step
-evaluates the mixture for all K * B = 1,280 samples (``[K, B, M, D]`` terms, forward and
-backward). A 150-step ``train.py`` run on real MNIST (2026-12-02, load average ~7 from other
-sessions) trained at ~110 images/s; lower ``--config.num_epochs`` for a 90-minute run.
+``configs/mnist_vamp.py``). Besides encoding the 500 pseudo-inputs, each step evaluates
+the mixture for all K * B = 1,280 samples. 792 images/s in one benchmark (2026-12-02, load
+1.1-1.6, ``benchmarks/throughput.py``); ``train.py`` ran 50 epochs
+(``--config.num_epochs=50``) at 669-701 images/s. The 70 epochs of ``mnist_iwae`` take
+about 1 h 45 min here: lower ``--config.num_epochs`` for a 90-minute run.
 """
 
 from pathlib import Path
