@@ -47,6 +47,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The test run's one compilation cache, for the ``train.py`` subprocesses too."""
+    return Path(_xla_cache)
+
+
 @pytest.fixture
 def train_py(monkeypatch):
     """``train_py(*args)`` runs ``python train.py ARGS`` in this process; returns its exit code.

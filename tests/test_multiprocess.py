@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -84,11 +84,13 @@ class Run:
         processes: int = 2,
         common: bool = True,
         own_args: Sequence[Sequence[str]] = (),
+        own_env: Mapping[int, Mapping[str, str]] | None = None,
         started: Sequence[int] | None = None,
     ):
         """``common=False``: plain ``configs/tiny.py``, without this file's ``OVERRIDES``;
-        ``own_args[i]``: more arguments for process ``i``; ``started``: the processes to start
-        (default all; ``procs`` and ``logs`` hold those)."""
+        ``own_args[i]``: more arguments for process ``i``; ``own_env[i]``: more environment
+        variables for process ``i``; ``started``: the processes to start (default all;
+        ``procs`` and ``logs`` hold those)."""
         started = range(processes) if started is None else started
         self.workdir, self.logs = workdir, [Path(f"{workdir}.log{i}") for i in started]
         port, devices = _free_port(), 8 // processes
@@ -102,7 +104,11 @@ class Run:
             with log.open("w") as out:
                 self.procs.append(
                     subprocess.Popen(
-                        argv, cwd=ROOT, env=_env(devices, cache_dir), stdout=out, stderr=out
+                        argv,
+                        cwd=ROOT,
+                        env={**_env(devices, cache_dir), **(own_env or {}).get(i, {})},
+                        stdout=out,
+                        stderr=out,
                     )
                 )
 
@@ -162,11 +168,6 @@ def assert_same_state(got: dict, want: dict) -> None:
         jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
 
 
 @pytest.fixture(scope="module")

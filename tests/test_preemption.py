@@ -17,39 +17,35 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_multiprocess import ROOT, Run, _wait_for_line, load_checkpoint
+from test_multiprocess import ROOT, Run, load_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
-STEPS = 60
+STEPS = 10
+SIGNAL_STEP = 2  # the step after which a process receives SIGTERM
+SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_STEP": str(SIGNAL_STEP)}
 ARGS = (
     f"--config.num_train_steps={STEPS}",
     "--config.log_every_steps=1",
     "--config.checkpoint_every_steps=1000",
     "--config.eval_every_steps=1000",
 )
-STOPPED = re.compile(r"Stopped by (\S+(?: \S+)*) at step (\d+) of 60: checkpoint saved in (\S+)\.")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache_preemption")
+STOPPED = re.compile(
+    rf"Stopped by (\S+(?: \S+)*) at step (\d+) of {STEPS}: checkpoint saved in (\S+)\."
+)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
-    """One process x 8 devices, all 60 steps in one go; started, not awaited (``.wait()``)."""
+    """One process x 8 devices, all steps in one go; started, not awaited (``.wait()``)."""
     run = Run(tmp_path_factory.mktemp("full") / "wd", cache_dir, *ARGS, processes=1)
     yield run
     run.kill()
 
 
-def _stop_midway(run: Run, signal_process: int) -> list[int]:
-    """Waits until training runs, sends SIGTERM to one process; returns the exit codes."""
-    _wait_for_line(run, "step 3/60", timeout=240)
-    run.procs[signal_process].send_signal(signal.SIGTERM)
+def _exit_codes(run: Run) -> list[int]:
     try:
-        return [p.wait(timeout=120) for p in run.procs]
+        return [p.wait(timeout=240) for p in run.procs]
     finally:
         run.kill()
 
@@ -62,14 +58,17 @@ def _stopped_step(log: str) -> int:
 
 
 def test_sigterm_saves_the_step_and_resumes_exactly(uninterrupted, tmp_path_factory, cache_dir):
+    """SIGTERM after step 2 (the launcher sends it: no polling): exit code 143, a checkpoint of
+    exactly step 2 and nothing else, the workdir lock gone; the same command again resumes
+    and ends bit-identical to an uninterrupted run."""
     workdir = tmp_path_factory.mktemp("sigterm") / "wd"
-    run = Run(workdir, cache_dir, *ARGS, processes=1)
-    codes = _stop_midway(run, 0)
+    run = Run(workdir, cache_dir, *ARGS, processes=1, own_env={0: SIGTERM})
+    codes = _exit_codes(run)
     text = run.log(0)
     assert codes == [128 + signal.SIGTERM], text[-3000:]
-    step = _stopped_step(text)
-    assert 3 <= step < STEPS
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(step)]
+    assert "SIGTERM: stopping after the current step" in text
+    assert _stopped_step(text) == SIGNAL_STEP
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(SIGNAL_STEP)]
     assert not (workdir / "results.json").exists()
     assert not (workdir / "jaxvae.lock").exists()  # the workdir is free for the rerun
 
@@ -81,21 +80,24 @@ def test_sigterm_saves_the_step_and_resumes_exactly(uninterrupted, tmp_path_fact
 
 
 def test_two_processes_stop_at_the_same_step(tmp_path_factory, cache_dir):
-    """SIGTERM to process 1 only: JAX's preemption sync point stops both after the same step."""
+    """SIGTERM to process 1 only, after step 2: JAX's preemption sync point stops both after
+    the same step (one past the furthest step any process had reached, so at most a few steps
+    later); the same command again resumes bit-identical to an uninterrupted two-process run.
+    """
     workdir = tmp_path_factory.mktemp("sigterm2") / "wd"
-    run = Run(workdir, cache_dir, *ARGS)
     t0 = time.monotonic()
-    codes = _stop_midway(run, 1)
+    run = Run(workdir, cache_dir, *ARGS, own_env={1: SIGTERM})
+    codes = _exit_codes(run)
     logs = [run.log(0), run.log(1)]
     assert all(c != 0 for c in codes), (codes, logs[0][-2000:], logs[1][-2000:])
     steps = {_stopped_step(text) for text in logs}
     assert len(steps) == 1, steps
     (step,) = steps
-    assert step < STEPS and time.monotonic() - t0 < 240
-    assert (workdir / "checkpoints" / str(step)).is_dir()
+    assert SIGNAL_STEP <= step < STEPS and time.monotonic() - t0 < 240
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(step)]
 
-    # The same command again, next to an uninterrupted two-process run (a 60-step run of one
-    # process drifts from it by more than 1e-5: the device sums run in another order).
+    # The same command again, next to an uninterrupted two-process run (one process's run
+    # differs from it by rounding: the device sums run in another order).
     resumed = Run(workdir, cache_dir, *ARGS)
     full = Run(tmp_path_factory.mktemp("full2") / "wd", cache_dir, *ARGS)
     resumed.wait(), full.wait()
