@@ -82,3 +82,25 @@ def train_py(monkeypatch):
 # tfds.testing.mock_data redirects file access of the whole process while a mocked dataset is
 # read; confine it to the thread that entered it so orbax's background saves are not redirected.
 confine_mock_fs_to_its_thread()
+
+
+# The slowest files first (seconds on 2 cores, 2026-12-02): pytest-xdist's `--dist loadfile`
+# hands files to the workers in collection order, so starting with the longest ones keeps
+# both workers busy until the end instead of one finishing a long file alone.
+_SLOW_FILES = (
+    "test_preemption.py",  # ~100 s: subprocess runs
+    "test_multiprocess.py",  # ~100 s: subprocess runs
+    "test_train.py",  # ~60-100 s
+    "test_train_step.py",  # ~80 s
+    "test_train_faults.py",  # ~60 s
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the tests so that the slowest files run first (stable otherwise)."""
+
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return _SLOW_FILES.index(name) if name in _SLOW_FILES else len(_SLOW_FILES)
+
+    items.sort(key=rank)
