@@ -2,8 +2,8 @@
 
 ``configs/mnist_iwae_dreg.py`` plus ``config.model.prior = "vamp"`` (see
 ``configs/mnist_vamp.py``). Besides encoding the 500 pseudo-inputs, each step evaluates
-the mixture for all K * B = 1,280 samples. 792 images/s in one benchmark (2026-12-02, load
-1.1-1.6, ``benchmarks/throughput.py``); ``train.py`` ran at 669-701 images/s. Hence 50
+the mixture for all K * B = 1,280 samples: 706-729 images/s in two benchmark runs against
+1,756-1,869 for ``mnist_iwae`` (benchmarks/README.md); ``train.py`` ran at 669-701. Hence 50
 epochs, not ``mnist_iwae``'s 70 (about 1 h 45 min here): about 75 min on 2 CPU cores, and
 83.14 nats at K = 5000 (docs/likelihoods.md).
 """

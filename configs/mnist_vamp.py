@@ -3,8 +3,8 @@
 The prior is a mixture of the encoder's posteriors at 500 learned pseudo-inputs
 (``config.model.prior = "vamp"``, ``jaxvae.models.VAE``); the KL is estimated by Monte Carlo.
 Each step also encodes the 500 pseudo-inputs and back-propagates through them, so the encoder
-sees 628 images per step instead of 128: 1,075 images/s in one benchmark (2026-12-02, load
-1.1-1.6, ``benchmarks/throughput.py``), against 2,589 for ``mnist_nll`` in its run. The 180
+sees 628 images per step instead of 128: 1,017-1,089 images/s in two benchmark runs
+(2026-12-02, benchmarks/README.md), against 2,589 for ``mnist_nll`` in its run. The 180
 epochs of ``mnist_nll`` therefore take about three hours here, not 74 minutes: for a
 90-minute run lower ``--config.num_epochs`` (or ``--config.model.num_pseudo_inputs``).
 """

@@ -150,7 +150,7 @@ def test_option_configs_change_only_their_options():
     assert diff("mnist_iwae_dreg", "mnist_iwae_vamp_dreg") == {
         "name": "mnist_iwae_vamp_dreg",
         "model.prior": "vamp",
-        "num_epochs": 50.0,  # the VampPrior's step costs ~2.4x: the recipe of the 83.14 nats
+        "num_epochs": 50.0,  # the VampPrior's step costs ~2.5x: the recipe of the 83.14 nats
     }
     assert load("mnist_vamp").model.num_pseudo_inputs == 500
 
