@@ -4,8 +4,8 @@
 ``configs/mnist_vamp.py``). Besides encoding the 500 pseudo-inputs, each step evaluates
 the mixture for all K * B = 1,280 samples: 706-729 images/s in two benchmark runs against
 1,756-1,869 for ``mnist_iwae`` (benchmarks/README.md); ``train.py`` ran at 669-701. Hence 50
-epochs, not ``mnist_iwae``'s 70 (about 1 h 45 min here): about 75 min on 2 CPU cores, and
-83.14 nats at K = 5000 (docs/likelihoods.md).
+epochs, not ``mnist_iwae``'s 70 (about 1 h 45 min here): 65-75 min on 2 CPU cores (the same
+recipe without DReG trained in 65.3 min alone), and 83.14 nats at K = 5000 (docs/likelihoods.md).
 """
 
 from pathlib import Path
