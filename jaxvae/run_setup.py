@@ -9,7 +9,10 @@ workdir (:mod:`jaxvae.inference`) both start here.
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,14 @@ class Programs:
     train_step: Any
     eval_step: Any
     pictures: Any
+    target: Any  # abstract TrainState (shapes, dtypes, replicated shardings) of init_fn()
+
+
+# Programs already built in this process, newest last: a second run, evaluation or load of the
+# same config (a notebook, the tests) reuses their traced and compiled code instead of tracing
+# and lowering about 80 programs again. A few entries only: each holds compiled executables.
+_PROGRAMS_KEPT = 4
+_built: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
 
 
 def build_programs(
@@ -70,7 +81,38 @@ def build_programs(
     steps_per_epoch: int,
     mesh: Mesh,
 ) -> Programs:
-    """The model, optimizer and jitted step functions of ``config`` (compiled on first call)."""
+    """The model, optimizer and jitted step functions of ``config`` (compiled on first call).
+
+    Built once per process for each distinct (config, image shape, schedule length, mesh):
+    a later call with equal values returns the same :class:`Programs`. The programs close
+    over a copy of ``config``, so changing ``config`` afterwards cannot reach them.
+    """
+    key = (
+        json.dumps(config_utils.to_dict(config), sort_keys=True),
+        tuple(image_shape),
+        num_train_steps,
+        steps_per_epoch,
+        mesh,
+    )
+    if key in _built:
+        _built.move_to_end(key)
+        return _built[key]
+    programs = _build_programs(
+        copy.deepcopy(config), image_shape, num_train_steps, steps_per_epoch, mesh
+    )
+    _built[key] = programs
+    while len(_built) > _PROGRAMS_KEPT:
+        _built.popitem(last=False)
+    return programs
+
+
+def _build_programs(
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, int, int],
+    num_train_steps: int,
+    steps_per_epoch: int,
+    mesh: Mesh,
+) -> Programs:
     model = ts.build_model(config, image_shape)
     tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
 
@@ -87,6 +129,7 @@ def build_programs(
         pictures=evaluate.make_picture_fn(
             model, config.eval.num_image_grid**2, config.eval.interpolation_steps
         ),
+        target=ts.abstract_state(init_fn, mesh),
     )
 
 
@@ -177,7 +220,7 @@ def setup(
     steps_per_epoch = max(1, num_train // config.batch_size)
     num_train_steps = config_utils.resolve_train_steps(config, num_train)
     programs = build_programs(config, image_shape, num_train_steps, steps_per_epoch, mesh)
-    target = ts.abstract_state(programs.init_fn, mesh)
+    target = programs.target
     if latest is not None:
         checkpointing.check_compatible(manager, latest, target)
     if for_training and manager is not None:

@@ -339,3 +339,33 @@ def test_run_resumes_in_the_other_compute_dtype(mock, tmp_path, first, second):
     assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == second
     steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+
+
+def test_programs_are_built_once_per_config_and_keep_their_own_copy():
+    """build_programs returns the same Programs for an equal config (a second run or
+    evaluation in one process reuses the compiled code), new ones for a different config or
+    schedule length, and changing the caller's config afterwards does not reach them."""
+    from jaxvae.mesh import make_mesh
+
+    mesh, shape = make_mesh(), (28, 28, 1)
+    config = tiny_config()
+    first = run_setup.build_programs(config, shape, 4, 2, mesh)
+    assert run_setup.build_programs(tiny_config(), shape, 4, 2, mesh) is first
+    assert run_setup.build_programs(tiny_config(), shape, 2, 2, mesh) is not first
+    other = tiny_config()
+    other.eval.iwae_samples = 8
+    assert run_setup.build_programs(other, shape, 4, 2, mesh) is not first
+
+    # The programs trace lazily (the step reads config.beta when traced); what they trace
+    # comes from their own copy of the config.
+    def traced_step(programs) -> str:
+        images = jax.ShapeDtypeStruct((16, *shape), np.float32)
+        return str(jax.make_jaxpr(programs.train_step)(programs.target, images))
+
+    config.beta = 2.5
+    again = run_setup.build_programs(config, shape, 4, 2, mesh)
+    assert again is not first
+    assert traced_step(first) == traced_step(
+        run_setup.build_programs(tiny_config(), shape, 4, 2, mesh)
+    )
+    assert traced_step(first) != traced_step(again)
