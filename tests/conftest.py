@@ -84,13 +84,12 @@ def train_py(monkeypatch):
 confine_mock_fs_to_its_thread()
 
 
-# The slowest files first (seconds on 2 cores, 2026-12-02): pytest-xdist's `--dist loadfile`
+# The slowest files first (seconds on 2 cores, 2026-12-03): pytest-xdist's `--dist loadfile`
 # hands files to the workers in collection order, so starting with the longest ones keeps
 # both workers busy until the end instead of one finishing a long file alone.
 _SLOW_FILES = (
-    "test_preemption.py",  # ~100 s: subprocess runs
-    "test_multiprocess.py",  # ~100 s: subprocess runs
-    "test_train.py",  # ~60-100 s
+    "test_multiprocess.py",  # ~130 s: subprocess runs
+    "test_train.py",  # ~70-100 s
     "test_train_step.py",  # ~80 s
     "test_train_faults.py",  # ~60 s
 )

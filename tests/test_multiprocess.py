@@ -1,4 +1,5 @@
-"""``train.py`` as several processes on JAX's distributed runtime: real subprocesses on CPU.
+"""``train.py`` as real subprocesses on CPU: several processes on JAX's distributed runtime,
+SIGTERM in the middle of a run (one process, and one of two), a process that dies.
 
 Each simulated host is a ``python tests/multiprocess_launcher.py`` subprocess with 4 virtual CPU
 devices, joined through ``--coordinator_address localhost:PORT --num_processes 2
@@ -7,8 +8,10 @@ devices, joined through ``--coordinator_address localhost:PORT --num_processes 2
 process draws the bits of the whole global batch and keeps its rows, so 1 and 2 processes see
 the same batches.
 
-Runs are shared through module-scoped fixtures: the reference (4 steps), a 2-process run of 2
-steps, its resumption to 4 steps, and a long run whose second process is killed.
+The uninterrupted runs are module-scoped fixtures, each the reference of several tests: one
+process (4 steps) and two processes (6 steps). The SIGTERM runs and their reruns must end
+bit-identical to them; the run whose second process is killed starts from a copy of the
+two-process workdir.
 
 Speed: JAX writes its persistent compilation cache from process 0 only, and on CPU the cache
 keys differ between processes, so process 1 compiles everything in every run. The subprocesses
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -170,11 +174,21 @@ def assert_same_state(got: dict, want: dict) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+STEPS = 6  # of the two-process runs; the one-process reference stops at 4 (configs/tiny.py)
+# Two-process runs: checkpoints at 2, 4 and 6 (all kept), evaluations at 4 and 6.
+TWO_PROCESS_ARGS = (f"--config.num_train_steps={STEPS}", "--config.keep_checkpoints=3")
+SIGNAL_STEP = 1  # the step after which a process receives SIGTERM
+SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_STEP": str(SIGNAL_STEP)}
+STOPPED = re.compile(
+    r"Stopped by (\S+(?: \S+)*) at step (\d+) of (\d+): checkpoint saved in (\S+)\."
+)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir) -> Iterator[Run]:
     """One process, 8 devices, 4 steps (checkpoints at 2 and 4, evaluation at 4).
 
-    Started, not awaited: it runs alongside ``two_steps`` (call ``.wait()`` before use).
+    Started, not awaited: it runs alongside ``two_processes`` (call ``.wait()`` before use).
     """
     run = Run(tmp_path_factory.mktemp("one") / "wd", cache_dir, processes=1)
     yield run
@@ -182,25 +196,16 @@ def reference(tmp_path_factory, cache_dir) -> Iterator[Run]:
 
 
 @pytest.fixture(scope="module")
-def two_steps(tmp_path_factory, cache_dir) -> Run:
-    """Two processes x 4 devices, stopped after 2 steps (one checkpoint, evaluation at 2)."""
-    run = Run(tmp_path_factory.mktemp("two") / "wd", cache_dir, "--config.num_train_steps=2")
-    run.wait()
-    return run
+def two_processes(tmp_path_factory, cache_dir) -> Iterator[Run]:
+    """Two processes x 4 devices, ``STEPS`` steps in one go; started, not awaited."""
+    run = Run(tmp_path_factory.mktemp("two") / "wd", cache_dir, *TWO_PROCESS_ARGS)
+    yield run
+    run.kill()
 
 
-@pytest.fixture(scope="module")
-def resumed(two_steps, tmp_path_factory, cache_dir) -> Run:
-    """``two_steps``'s workdir (copied) rerun to 4 steps by two processes."""
-    workdir = tmp_path_factory.mktemp("resumed") / "wd"
-    shutil.copytree(two_steps.workdir, workdir)
-    run = Run(workdir, cache_dir, "--config.num_train_steps=4")
-    run.wait()
-    return run
-
-
-def test_two_processes_equal_one_process(reference, two_steps):
-    """2 processes x 4 devices == 1 process x 8 devices on the same global batches.
+def test_two_processes_equal_one_process(reference, two_processes):
+    """2 processes x 4 devices == 1 process x 8 devices on the same global batches: the state
+    at steps 2 and 4, the saved data position, the training loss and the evaluation at 4.
 
     The sums over devices run in another order (gloo across processes), so gradients agree
     only to rounding. The conv biases that feed a BatchNorm have a loss gradient of exactly
@@ -208,42 +213,104 @@ def test_two_processes_equal_one_process(reference, two_steps):
     test_train_step); L2 weight decay (OVERRIDES) gives them a real gradient, so every leaf
     can be compared to 1e-5 (observed: below 1e-6).
     """
-    workdir, reference = two_steps.workdir, reference.wait().workdir
+    workdir, reference = two_processes.wait().workdir, reference.wait().workdir
     for i in (0, 1):
-        assert f"Process {i} of 2 joined JAX's distributed runtime (flags)" in two_steps.log(i)
-    assert "Training tiny on 8 device(s) (cpu) in 2 processes" in two_steps.log(0)
+        assert f"Process {i} of 2 joined JAX's distributed runtime (flags)" in two_processes.log(i)
+    assert "Training tiny on 8 device(s) (cpu) in 2 processes" in two_processes.log(0)
 
-    got, got_iter = load_checkpoint(workdir, 2)
-    want, want_iter = load_checkpoint(reference, 2)
-    assert_same_state(got, want)
-    # The saved iterator position is global: the same as one process's but for the layout.
-    assert {**got_iter, "process_count": 1} == want_iter and got_iter["process_count"] == 2
+    for step in (2, 4):
+        got, got_iter = load_checkpoint(workdir, step)
+        want, want_iter = load_checkpoint(reference, step)
+        assert_same_state(got, want)
+        # The saved iterator position is global: the same as one process's but the layout.
+        assert {**got_iter, "process_count": 1} == want_iter and got_iter["process_count"] == 2
+    got_metrics, want_metrics = metrics(workdir), metrics(reference)
+    for key in ("train_loss", "test_neg_elbo", "test_nll_iwae"):
+        np.testing.assert_allclose(got_metrics[4][key], want_metrics[4][key], rtol=1e-5)
     np.testing.assert_allclose(
-        metrics(workdir)[2]["train_loss"], metrics(reference)[2]["train_loss"], rtol=1e-5
+        got_metrics[2]["train_loss"], want_metrics[2]["train_loss"], rtol=1e-5
     )
 
     # One writer: one metrics line per step, one TensorBoard file, the usual outputs; process
     # 0's workdir lock is gone.
-    assert list(metrics(workdir)) == [2]
+    assert list(got_metrics) == [2, 4, 6]
     assert not (workdir / "jaxvae.lock").exists()
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
     results = json.loads((workdir / "results.json").read_text())
-    assert (results["num_processes"], results["num_devices"], results["step"]) == (2, 8, 2)
-    assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == 2
-    assert len(list((workdir / "images").glob("*_step00000002.png"))) == 3
+    assert (results["num_processes"], results["num_devices"], results["step"]) == (2, 8, STEPS)
+    assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == STEPS
+    for step in (4, STEPS):
+        assert len(list((workdir / "images").glob(f"*_step{step:08d}.png"))) == 3
 
 
-def test_two_process_resume_continues_exactly(resumed, reference):
-    """Stopped at step 2 (num_train_steps), rerun to 4 == an uninterrupted 4-step run."""
-    reference = reference.wait().workdir
-    assert "Resumed from" in resumed.log(0) and "at step 2" in resumed.log(0)
-    got, _ = load_checkpoint(resumed.workdir, 4)
-    want, _ = load_checkpoint(reference, 4)
-    assert_same_state(got, want)
-    got_metrics, want_metrics = metrics(resumed.workdir), metrics(reference)
-    assert list(got_metrics) == [2, 4]
-    for key in ("train_loss", "test_neg_elbo", "test_nll_iwae"):
-        np.testing.assert_allclose(got_metrics[4][key], want_metrics[4][key], rtol=1e-5)
+def _exit_codes(run: Run) -> list[int]:
+    try:
+        return [p.wait(timeout=240) for p in run.procs]
+    finally:
+        run.kill()
+
+
+def _stopped_step(log: str, steps: int) -> int:
+    match = STOPPED.search(log)
+    assert match, log[-3000:]
+    assert "Run the same command again to resume" in log and "Traceback" not in log
+    assert int(match.group(3)) == steps
+    return int(match.group(2))
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+
+
+def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory, cache_dir):
+    """One process, SIGTERM after step 1 (the launcher sends it: no polling): exit code 143, a
+    checkpoint of exactly step 1 (not a checkpoint step) and nothing else, the workdir lock
+    gone; the same command again resumes and ends bit-identical to the uninterrupted
+    ``reference``."""
+    workdir = tmp_path_factory.mktemp("sigterm") / "wd"
+    run = Run(workdir, cache_dir, processes=1, own_env={0: SIGTERM})
+    codes = _exit_codes(run)
+    text = run.log(0)
+    assert codes == [128 + signal.SIGTERM], text[-3000:]
+    assert "SIGTERM: stopping after the current step" in text
+    assert _stopped_step(text, 4) == SIGNAL_STEP
+    assert _checkpoints(workdir) == [SIGNAL_STEP]
+    assert not (workdir / "results.json").exists()
+    assert not (workdir / "jaxvae.lock").exists()  # the workdir is free for the rerun
+
+    rerun = Run(workdir, cache_dir, processes=1).wait()  # the same command again
+    assert f"Resumed from {workdir / 'checkpoints'} at step {SIGNAL_STEP}" in rerun.log(0)
+    got, _ = load_checkpoint(workdir, 4)
+    want, _ = load_checkpoint(reference.wait().workdir, 4)
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU
+
+
+def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, cache_dir):
+    """SIGTERM to process 1 only, after step 1: JAX's preemption sync point stops both after
+    the same step (one past the furthest step any process had reached, so at most a few steps
+    later; logging every step keeps the processes in step); the same command again resumes,
+    keeps one metrics history, and ends bit-identical to the uninterrupted ``two_processes``.
+    """
+    workdir = tmp_path_factory.mktemp("sigterm2") / "wd"
+    args = (*TWO_PROCESS_ARGS, "--config.log_every_steps=1")
+    t0 = time.monotonic()
+    run = Run(workdir, cache_dir, *args, own_env={1: SIGTERM})
+    codes = _exit_codes(run)
+    logs = [run.log(0), run.log(1)]
+    assert all(c != 0 for c in codes), (codes, logs[0][-2000:], logs[1][-2000:])
+    steps = {_stopped_step(text, STEPS) for text in logs}
+    assert len(steps) == 1, steps
+    (step,) = steps
+    assert SIGNAL_STEP <= step < STEPS and time.monotonic() - t0 < 240
+    # The periodic checkpoints before the stop, and the stop's own.
+    assert _checkpoints(workdir) == sorted({k for k in (2, 4) if k < step} | {step})
+
+    resumed = Run(workdir, cache_dir, *args).wait()  # the same command again
+    assert f"at step {step}" in resumed.log(0) and "Resumed from" in resumed.log(0)
+    assert list(metrics(workdir)) == list(range(1, STEPS + 1))
+    got, _ = load_checkpoint(workdir, STEPS)
+    want, _ = load_checkpoint(two_processes.wait().workdir, STEPS)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def _wait_for_line(run: Run, text: str, timeout: float) -> None:
@@ -256,12 +323,13 @@ def _wait_for_line(run: Run, text: str, timeout: float) -> None:
 
 
 def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
-    two_steps, tmp_path_factory, cache_dir
+    two_processes, tmp_path_factory, cache_dir
 ):
     """SIGKILL process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (plus
     slack), and every checkpoint step left behind is complete and restorable."""
     workdir = tmp_path_factory.mktemp("killed") / "wd"
-    shutil.copytree(two_steps.workdir, workdir)  # resuming skips compiling the initialisation
+    # Resuming skips compiling the initialisation.
+    shutil.copytree(two_processes.wait().workdir, workdir)
     run = Run(
         workdir,
         cache_dir,
@@ -272,7 +340,7 @@ def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
         "--config.keep_checkpoints=3",
         f"--heartbeat_timeout={HEARTBEAT_S}",
     )
-    _wait_for_line(run, "step 8/100000", timeout=240)
+    _wait_for_line(run, f"step {STEPS + 6}/100000", timeout=240)
     run.procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     try:
@@ -297,7 +365,7 @@ def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
         latest = manager.latest_step()
     finally:
         manager.close()
-    assert latest is not None and latest >= 6 and latest == steps[-1], (latest, steps)
+    assert latest is not None and latest >= STEPS + 4 and latest == steps[-1], (latest, steps)
     state, _ = load_checkpoint(workdir, latest)
     assert int(state["step"]) == latest
 
