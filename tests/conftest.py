@@ -10,7 +10,7 @@ import shutil
 import tempfile
 
 # multiprocess_launcher imports no JAX at module level, so this precedes JAX's initialisation.
-from multiprocess_launcher import FAST_COMPILE, confine_mock_fs_to_its_thread
+from multiprocess_launcher import FAST_COMPILE, collect_less, confine_mock_fs_to_its_thread
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
@@ -93,6 +93,11 @@ _SLOW_FILES = (
     "test_train_step.py",  # ~80 s
     "test_train_faults.py",  # ~60 s
 )
+
+
+def pytest_collection_finish(session):
+    """Once every test module (TensorFlow, Flax, ...) is imported: see ``collect_less``."""
+    collect_less()
 
 
 def pytest_collection_modifyitems(items):
