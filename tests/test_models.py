@@ -490,7 +490,7 @@ def test_batchnorm_under_jit_over_8_devices_uses_the_global_batch():
 
     # Negative control: each shard of 2 examples normalised with its own statistics.
     shards = lambda a: a.reshape(n_dev, 2, *a.shape[1:])  # noqa: E731
-    per_shard = jax.vmap(step, in_axes=(None, None, 0, 0))(
+    per_shard = jax.jit(jax.vmap(step, in_axes=(None, None, 0, 0)))(
         v["params"], v["batch_stats"], shards(x), shards(eps)
     )
     (_, stats_u), grads_u = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_shard)
