@@ -209,7 +209,8 @@ def test_vamp_prior_with_dreg_resumes_exactly(mock, tmp_path):
     assert a["params"]["pseudo_inputs"].shape == (5, 28, 28, 1)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     model = train_state.build_model(config(), (28, 28, 1))
-    start = train_state.init_train_state(model, optax.identity(), 0).params["pseudo_inputs"]
+    init = jax.jit(lambda: train_state.init_train_state(model, optax.identity(), 0))
+    start = init().params["pseudo_inputs"]
     assert np.abs(a["params"]["pseudo_inputs"] - start).max() > 1e-3
     with pytest.raises(run_setup.WorkdirMismatchError, match="prior: 'vamp' -> 'standard'"):
         train_lib.train_and_evaluate(tiny_config(), whole)

@@ -6,6 +6,7 @@ closed forms in tests/test_estimators.py; the 8-device steps against references 
 definitions in tests/test_train_step.py; resuming in tests/test_train.py.
 """
 
+import functools
 import math
 from pathlib import Path
 
@@ -114,11 +115,19 @@ def test_prior_is_the_mixture_of_the_posteriors_at_the_pseudo_inputs_in_eval_mod
         v["batch_stats"] = jax.tree.map(
             lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype), v["batch_stats"]
         )
-        u = v["params"]["pseudo_inputs"]
-        mu, lv = model.apply(v, u, train=False, method="encode")
-        posteriors = model.apply(v, method="pseudo_posteriors")
+
+        @jax.jit  # one program, not op by op
+        def encodings(v, model=model):
+            u = v["params"]["pseudo_inputs"]
+            eval_mode = model.apply(v, u, train=False, method="encode")
+            posteriors = model.apply(v, method="pseudo_posteriors")
+            (mu_train, _), _ = model.apply(
+                v, u, train=True, method="encode", mutable=["batch_stats"]
+            )
+            return eval_mode, posteriors, mu_train
+
+        (mu, lv), posteriors, mu_train = encodings(v)
         jax.tree.map(np.testing.assert_array_equal, posteriors, (mu, lv))
-        (mu_train, _), _ = model.apply(v, u, train=True, method="encode", mutable=["batch_stats"])
         if m > 1:  # one example has no batch variance: train mode only for m > 1
             assert np.abs(mu_train - mu).max() > 1e-2
         z = np.asarray(mu[0]) + rng.normal(size=(6, 3, 4))
@@ -126,7 +135,8 @@ def test_prior_is_the_mixture_of_the_posteriors_at_the_pseudo_inputs_in_eval_mod
             sum(stats.multivariate_normal(mu[i], np.diag(np.exp(lv[i]))).pdf(z) for i in range(m))
             / m
         )
-        got = model.apply(v, jnp.asarray(z, jnp.float32), method="prior_log_density")
+        prior = jax.jit(functools.partial(model.apply, method="prior_log_density"))
+        got = prior(v, jnp.asarray(z, jnp.float32))
         assert got.shape == (6, 3)
         np.testing.assert_allclose(got, want, rtol=1e-5)
     standard = _tiny_model()
@@ -148,7 +158,7 @@ def test_sample_draws_a_component_then_its_posterior():
     }
     point = {**enc, **fixed("fc_var", jnp.full(4, -30.0))}
     v = _variables(model, encoder=point, pseudo_inputs=jnp.asarray(_images(4, n=4)))
-    means, _ = model.apply(v, method="pseudo_posteriors")
+    means, _ = jax.jit(functools.partial(model.apply, method="pseudo_posteriors"))(v)
     assert float(jnp.min(jnp.abs(means[:, None] - means[None]).max(-1) + 9 * jnp.eye(4))) > 1e-2
     z = np.asarray(jax.jit(lambda v: model.apply(v, key, n, method="sample_prior"))(v))
     distance = np.abs(z[:, None, :] - np.asarray(means)[None]).max(-1)  # [n, 4]
@@ -162,8 +172,13 @@ def test_sample_draws_a_component_then_its_posterior():
     var = np.exp(c)
     assert np.all(np.abs(z.mean(0) - b) < 5 * np.sqrt(var / n))
     assert np.all(np.abs(z.var(0) / var - 1) < 5 * math.sqrt(2 / n))
-    images = model.apply(v, key, 3, method="sample")
-    decoded = model.apply(v, model.apply(v, key, 3, method="sample_prior"), method="decode")
+
+    @jax.jit  # one program, not op by op
+    def images_and_decoded(v):
+        decoded = model.apply(v, model.apply(v, key, 3, method="sample_prior"), method="decode")
+        return model.apply(v, key, 3, method="sample"), decoded
+
+    images, decoded = images_and_decoded(v)
     np.testing.assert_allclose(images, jax.nn.sigmoid(decoded), atol=1e-6)
 
 
