@@ -84,14 +84,22 @@ def train_py(monkeypatch):
 confine_mock_fs_to_its_thread()
 
 
-# The slowest files first (seconds on 2 cores, 2026-12-03): pytest-xdist's `--dist loadfile`
-# hands files to the workers in collection order, so starting with the longest ones keeps
-# both workers busy until the end instead of one finishing a long file alone.
+# The slowest files first, longest first (test-seconds on 2 cores, 2026-12-03): pytest-xdist's
+# `--dist loadfile` hands files to the workers in collection order, so starting with the
+# longest ones keeps both workers busy until the end instead of one finishing a long file alone.
 _SLOW_FILES = (
-    "test_multiprocess.py",  # ~130 s: subprocess runs
-    "test_train.py",  # ~70-100 s
-    "test_train_step.py",  # ~80 s
+    "test_train_step.py",  # ~110 s
+    "test_multiprocess.py",  # ~105 s: subprocess runs
+    "test_train.py",  # ~75 s
     "test_train_faults.py",  # ~60 s
+    "test_losses.py",  # ~45 s
+    "test_vamp.py",  # ~35 s
+    "test_estimators.py",  # ~35 s
+    "test_notebook.py",  # ~30 s
+    "test_models.py",  # ~25 s
+    "test_readme.py",  # ~20 s
+    "test_evaluate.py",  # ~20 s
+    "losses.py",  # ~15 s: the doctests
 )
 
 
