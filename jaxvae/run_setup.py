@@ -97,29 +97,14 @@ def build_programs(
     if key in _built:
         _built.move_to_end(key)
         return _built[key]
-    programs = _build_programs(
-        copy.deepcopy(config), image_shape, num_train_steps, steps_per_epoch, mesh
-    )
-    _built[key] = programs
-    while len(_built) > _PROGRAMS_KEPT:
-        _built.popitem(last=False)
-    return programs
-
-
-def _build_programs(
-    config: ml_collections.ConfigDict,
-    image_shape: tuple[int, int, int],
-    num_train_steps: int,
-    steps_per_epoch: int,
-    mesh: Mesh,
-) -> Programs:
+    config = copy.deepcopy(config)  # what the programs read when they are traced, later
     model = ts.build_model(config, image_shape)
     tx, schedule = optim.create_optimizer(config.optimizer, num_train_steps, steps_per_epoch)
 
     def init_fn():
         return ts.init_train_state(model, tx, config.seed)
 
-    return Programs(
+    programs = Programs(
         model=model,
         schedule=schedule,
         init_fn=init_fn,
@@ -131,6 +116,10 @@ def _build_programs(
         ),
         target=ts.abstract_state(init_fn, mesh),
     )
+    _built[key] = programs
+    while len(_built) > _PROGRAMS_KEPT:
+        _built.popitem(last=False)
+    return programs
 
 
 @dataclasses.dataclass
