@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -63,6 +62,12 @@ class LinearGaussian:
 
 def f32(*arrays):
     return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
+
+
+def iwae_jit(key: jax.Array, args: tuple, **options) -> jax.Array:
+    """``losses.iwae_log_likelihood(key, *args, **options)`` as one compiled program (op by op,
+    every primitive would be compiled on its own: hundreds of compilations)."""
+    return jax.jit(lambda k: losses.iwae_log_likelihood(k, *args, **options))(key)
 
 
 # ------------------------------------ KL ------------------------------------------------
@@ -289,8 +294,7 @@ def test_iwae_with_exact_posterior_is_exact_for_every_k():
     log_px = model.log_marginal(x)
     args = (model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn())
     for k, chunk in [(1, None), (10, 3), (100, None), (1000, 128)]:
-        fn = functools.partial(losses.iwae_log_likelihood, num_samples=k, chunk_size=chunk)
-        got = jax.jit(lambda key, fn=fn: fn(key, *args))(jax.random.key(k))  # one program
+        got = iwae_jit(jax.random.key(k), args, num_samples=k, chunk_size=chunk)
         np.testing.assert_allclose(got, log_px, rtol=2e-5, atol=2e-4)
 
 
@@ -537,19 +541,12 @@ def test_iwae_log_likelihood_does_not_depend_on_its_chunking():
     m, lv = model.posterior(x)
     args = (model.decode_fn(), *f32(x, m + 0.4, lv + 0.5), model.log_likelihood_fn())
     key = jax.random.key(3)
-
-    def estimate(key, chunk, rows=None):  # one compiled program per split, not op by op
-        fn = functools.partial(
-            losses.iwae_log_likelihood, num_samples=50, chunk_size=chunk, batch_chunk_size=rows
-        )
-        return jax.jit(lambda k: fn(k, *args))(key)
-
-    ref = estimate(key, 50)
+    ref = iwae_jit(key, args, num_samples=50, chunk_size=50)
     for chunk, rows in [(1, None), (7, None), (16, 1), (50, 3), (13, 7), (64, 100)]:
-        got = estimate(key, chunk, rows)
+        got = iwae_jit(key, args, num_samples=50, chunk_size=chunk, batch_chunk_size=rows)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5, err_msg=f"{chunk}, {rows}")
     # ... and a different key gives a different estimate (the comparison has teeth).
-    other = estimate(jax.random.key(4), 50)
+    other = iwae_jit(jax.random.key(4), args, num_samples=50, chunk_size=50)
     assert float(jnp.max(jnp.abs(other - ref))) > 1e-3
     with pytest.raises(ValueError, match="batch_chunk_size must be >= 1"):
         losses.iwae_log_likelihood(key, *args, num_samples=5, batch_chunk_size=0)
