@@ -47,6 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "multiprocess_launcher.py"
 NUM_EXAMPLES = 40
 HEARTBEAT_S = 10  # --heartbeat_timeout of the run whose process is killed (others: default)
+STEPS = 6  # of the two-process runs; the one-process reference stops at 4 (configs/tiny.py)
+# Two-process runs: checkpoints at 2, 4 and 6 (all kept), evaluations at 4 and 6.
+TWO_PROCESS_ARGS = (f"--config.num_train_steps={STEPS}", "--config.keep_checkpoints=3")
+SIGNAL_STEP = 1  # the step after which a process receives SIGTERM
+SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_STEP": str(SIGNAL_STEP)}
+STOPPED = re.compile(
+    r"Stopped by (\S+(?: \S+)*) at step (\d+) of (\d+): checkpoint saved in (\S+)\."
+)
 # See test_two_processes_equal_one_process (weight decay).
 OVERRIDES = {"optimizer.weight_decay": 1.0}
 COMMON_ARGS = ("--config", "configs/tiny.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
@@ -172,16 +180,6 @@ def assert_same_state(got: dict, want: dict) -> None:
         jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-
-
-STEPS = 6  # of the two-process runs; the one-process reference stops at 4 (configs/tiny.py)
-# Two-process runs: checkpoints at 2, 4 and 6 (all kept), evaluations at 4 and 6.
-TWO_PROCESS_ARGS = (f"--config.num_train_steps={STEPS}", "--config.keep_checkpoints=3")
-SIGNAL_STEP = 1  # the step after which a process receives SIGTERM
-SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_STEP": str(SIGNAL_STEP)}
-STOPPED = re.compile(
-    r"Stopped by (\S+(?: \S+)*) at step (\d+) of (\d+): checkpoint saved in (\S+)\."
-)
 
 
 @pytest.fixture(scope="module")
