@@ -85,8 +85,9 @@ confine_mock_fs_to_its_thread()
 
 
 # The slowest files first, longest first (test-seconds on 2 cores, 2026-12-03): pytest-xdist's
-# `--dist loadfile` hands files to the workers in collection order, so starting with the
-# longest ones keeps both workers busy until the end instead of one finishing a long file alone.
+# `--dist loadfile` hands files to the workers in this order (see pytest_configure), so starting
+# with the longest ones keeps both workers busy until the end instead of one finishing a long
+# file alone.
 _SLOW_FILES = (
     "test_train_step.py",  # ~110 s
     "test_multiprocess.py",  # ~105 s: subprocess runs
@@ -101,6 +102,14 @@ _SLOW_FILES = (
     "test_evaluate.py",  # ~20 s
     "losses.py",  # ~15 s: the doctests
 )
+
+
+def pytest_configure(config):
+    """pytest-xdist would hand out the files by their number of tests (its default
+    ``--loadscope-reorder``: the 5 subprocess tests of test_multiprocess.py after files of 40
+    quick ones); keep the order below."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_finish(session):
