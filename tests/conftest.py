@@ -89,18 +89,18 @@ confine_mock_fs_to_its_thread()
 # with the longest ones keeps both workers busy until the end instead of one finishing a long
 # file alone.
 _SLOW_FILES = (
-    "test_train_step.py",  # ~110 s
-    "test_multiprocess.py",  # ~105 s: subprocess runs
-    "test_train.py",  # ~75 s
-    "test_train_faults.py",  # ~60 s
-    "test_losses.py",  # ~45 s
-    "test_vamp.py",  # ~35 s
-    "test_estimators.py",  # ~35 s
+    "test_multiprocess.py",  # ~110 s: subprocess runs
+    "test_train_step.py",  # ~100 s
+    "test_train.py",  # ~50 s
+    "test_train_faults.py",  # ~45 s
+    "test_losses.py",  # ~40 s
+    "test_vamp.py",  # ~30 s
     "test_notebook.py",  # ~30 s
-    "test_models.py",  # ~25 s
-    "test_readme.py",  # ~20 s
+    "test_estimators.py",  # ~22 s
     "test_evaluate.py",  # ~20 s
-    "losses.py",  # ~15 s: the doctests
+    "test_models.py",  # ~19 s
+    "test_readme.py",  # ~19 s
+    "losses.py",  # ~13 s: the doctests
 )
 
 
