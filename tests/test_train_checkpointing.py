@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxvae import checkpointing
+from jaxvae.mesh import make_mesh, replicate
 
 
 def small_state(value: float) -> dict:
@@ -41,10 +43,6 @@ def test_checkpoints_of_orbaxs_standard_handler_and_of_jaxvae_read_each_other(tm
     """jaxvae writes ``state`` with one replica per array (not orbax's replica-parallel
     default): a checkpoint of orbax's ``StandardCheckpointHandler`` on 8 devices (what jaxvae
     wrote before) restores bit-identically, and one of jaxvae's restores with that handler."""
-    import orbax.checkpoint as ocp
-
-    from jaxvae.mesh import make_mesh, replicate
-
     mesh = make_mesh()
     rng = np.random.default_rng(0)
     state = replicate({"w": rng.normal(size=(64, 33)).astype(np.float32), "step": 7}, mesh)
