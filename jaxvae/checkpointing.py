@@ -61,10 +61,11 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     it off on GPU). The files are orbax's standard ones, readable by either handler (without
     orbax's per-host array metadata, which records typed PRNG keys: the state holds none).
     """
+    one_replica = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
     handlers = [
-        (t, ocp.type_handlers.get_type_handler(t)) for t in ocp.type_handlers.supported_types()
+        (t, one_replica if t is jax.Array else ocp.type_handlers.get_type_handler(t))
+        for t in ocp.type_handlers.supported_types()
     ]
-    handlers.append((jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
     registry = ocp.type_handlers.create_type_handler_registry(*handlers)
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
