@@ -6,6 +6,29 @@ import ml_collections
 import optax
 
 
+def schedule_length(
+    opt: ml_collections.ConfigDict, num_train_steps: int, steps_per_epoch: int
+) -> int | None:
+    """The step count ``opt.schedule`` is built with: its decay (or transition) length, from
+    ``num_train_steps`` or ``steps_per_epoch``; ``None`` for ``constant``, which has none.
+
+    Runs of different lengths whose schedules have the same length build the same programs
+    (``jaxvae.run_setup.build_programs`` keys on this, not on the run's length).
+    """
+    if opt.schedule == "constant":
+        return None
+    if opt.schedule == "exponential":
+        return max(1, opt.transition_steps or steps_per_epoch)
+    if opt.schedule == "cosine":
+        return max(1, num_train_steps)
+    if opt.schedule == "warmup_cosine":
+        return max(opt.warmup_steps + 1, num_train_steps)
+    raise ValueError(
+        "config.optimizer.schedule must be constant, exponential, cosine or warmup_cosine, "
+        f"got {opt.schedule!r}."
+    )
+
+
 def learning_rate_schedule(
     opt: ml_collections.ConfigDict, num_train_steps: int, steps_per_epoch: int
 ) -> optax.Schedule:
@@ -17,22 +40,14 @@ def learning_rate_schedule(
     - ``cosine``: cosine decay to 0 over ``num_train_steps``.
     - ``warmup_cosine``: linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0.
     """
-    lr = opt.learning_rate
+    lr, length = opt.learning_rate, schedule_length(opt, num_train_steps, steps_per_epoch)
     if opt.schedule == "constant":
         return optax.constant_schedule(lr)
     if opt.schedule == "exponential":
-        transition = opt.transition_steps or steps_per_epoch
-        return optax.exponential_decay(lr, max(1, transition), opt.decay_rate, staircase=True)
+        return optax.exponential_decay(lr, length, opt.decay_rate, staircase=True)
     if opt.schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, max(1, num_train_steps))
-    if opt.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, lr, opt.warmup_steps, max(opt.warmup_steps + 1, num_train_steps)
-        )
-    raise ValueError(
-        f"config.optimizer.schedule must be constant, exponential, cosine or warmup_cosine, "
-        f"got {opt.schedule!r}."
-    )
+        return optax.cosine_decay_schedule(lr, length)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, length)
 
 
 def create_optimizer(
@@ -54,4 +69,4 @@ def create_optimizer(
     return core, schedule
 
 
-__all__ = ["create_optimizer", "learning_rate_schedule"]
+__all__ = ["create_optimizer", "learning_rate_schedule", "schedule_length"]

@@ -72,6 +72,8 @@ class Programs:
 # and lowering about 80 programs again. A few entries only: each holds compiled executables.
 _PROGRAMS_KEPT = 4
 _built: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
+# Config fields that only set the run's length (see build_programs).
+_RUN_LENGTH = ("num_train_steps", "num_epochs")
 
 
 def build_programs(
@@ -84,14 +86,19 @@ def build_programs(
     """The model, optimizer and jitted step functions of ``config`` (compiled on first call).
 
     Built once per process for each distinct (config, image shape, schedule length, mesh):
-    a later call with equal values returns the same :class:`Programs`. The programs close
-    over a copy of ``config``, so changing ``config`` afterwards cannot reach them.
+    a later call with equal values returns the same :class:`Programs`. The run's length
+    (``config.num_train_steps`` / ``num_epochs``, ``num_train_steps``, ``steps_per_epoch``)
+    reaches the programs only through the learning-rate schedule, so it counts only as the
+    schedule's length (:func:`jaxvae.optim.schedule_length`): runs of 2 and 4 steps at a
+    constant rate share their programs, cosine-decayed ones do not. The programs close over a
+    copy of ``config``, so changing ``config`` afterwards cannot reach them (and they must not
+    read its run-length fields, which differ between the runs sharing them).
     """
+    fields = {k: v for k, v in config_utils.to_dict(config).items() if k not in _RUN_LENGTH}
     key = (
-        json.dumps(config_utils.to_dict(config), sort_keys=True),
+        json.dumps(fields, sort_keys=True),
         tuple(image_shape),
-        num_train_steps,
-        steps_per_epoch,
+        optim.schedule_length(config.optimizer, num_train_steps, steps_per_epoch),
         mesh,
     )
     if key in _built:

@@ -14,7 +14,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxvae import checkpointing, config_utils, inference, run_setup, train_lib, train_state
+from jaxvae import checkpointing, config_utils, inference, optim, run_setup, train_lib, train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 40  # mock split size: eval batches of 16 -> 16, 16, 8 real + 8 masked
@@ -344,24 +344,41 @@ def test_run_resumes_in_the_other_compute_dtype(mock, tmp_path, first, second):
 
 def test_programs_are_built_once_per_config_and_keep_their_own_copy():
     """build_programs returns the same Programs for an equal config (a second run or
-    evaluation in one process reuses the compiled code), new ones for a different config or
+    evaluation in one process reuses the compiled code), also for another run length at a
+    constant learning rate (a run of 2 steps resumed to 4); new ones for a different config or
     schedule length, and changing the caller's config afterwards does not reach them."""
     from jaxvae.mesh import make_mesh
+    from jaxvae.train_step import make_train_step
 
     mesh, shape = make_mesh(), (28, 28, 1)
     config = tiny_config()
     first = run_setup.build_programs(config, shape, 4, 2, mesh)
     assert run_setup.build_programs(tiny_config(), shape, 4, 2, mesh) is first
-    assert run_setup.build_programs(tiny_config(), shape, 2, 2, mesh) is not first
+    assert run_setup.build_programs(tiny_config(num_train_steps=2), shape, 2, 2, mesh) is first
+    assert run_setup.build_programs(tiny_config(num_epochs=0.5), shape, 7, 2, mesh) is first
     other = tiny_config()
     other.eval.iwae_samples = 8
     assert run_setup.build_programs(other, shape, 4, 2, mesh) is not first
+    cosine = tiny_config()
+    cosine.optimizer.schedule = "cosine"
+    four = run_setup.build_programs(cosine, shape, 4, 2, mesh)
+    assert four is not first and run_setup.build_programs(cosine, shape, 2, 2, mesh) is not four
 
     # The programs trace lazily (the step reads config.beta when traced); what they trace
     # comes from their own copy of the config.
     def traced_step(programs) -> str:
         images = jax.ShapeDtypeStruct((16, *shape), np.float32)
         return str(jax.make_jaxpr(programs.train_step)(programs.target, images))
+
+    # Shared across run lengths, they must not read them: a step made for a 2-step config
+    # traces to the 4-step one's program.
+    tx = optim.create_optimizer(config.optimizer, 4, 2)[0]
+    two = make_train_step(first.model, tx, tiny_config(num_train_steps=2), mesh)
+    four = make_train_step(first.model, tx, tiny_config(num_epochs=3.0), mesh)
+    images = jax.ShapeDtypeStruct((16, *shape), np.float32)
+    assert str(jax.make_jaxpr(two)(first.target, images)) == str(
+        jax.make_jaxpr(four)(first.target, images)
+    )
 
     config.beta = 2.5
     again = run_setup.build_programs(config, shape, 4, 2, mesh)
