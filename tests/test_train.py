@@ -361,24 +361,28 @@ def test_programs_are_built_once_per_config_and_keep_their_own_copy():
     assert run_setup.build_programs(other, shape, 4, 2, mesh) is not first
     cosine = tiny_config()
     cosine.optimizer.schedule = "cosine"
-    four = run_setup.build_programs(cosine, shape, 4, 2, mesh)
-    assert four is not first and run_setup.build_programs(cosine, shape, 2, 2, mesh) is not four
+    decayed = run_setup.build_programs(cosine, shape, 4, 2, mesh)
+    assert decayed is not first
+    assert run_setup.build_programs(cosine, shape, 2, 2, mesh) is not decayed
+
+    images = jax.ShapeDtypeStruct((16, *shape), np.float32)
+
+    def traced(step, target) -> str:
+        return str(jax.make_jaxpr(step)(target, images))
+
+    # Shared across run lengths, the programs must not read them: steps made for a 2-step
+    # and a 3-epoch config trace to the same program.
+    tx = optim.create_optimizer(config.optimizer, 4, 2)[0]
+    two_steps, three_epochs = (
+        make_train_step(first.model, tx, tiny_config(**length), mesh)
+        for length in ({"num_train_steps": 2}, {"num_epochs": 3.0})
+    )
+    assert traced(two_steps, first.target) == traced(three_epochs, first.target)
 
     # The programs trace lazily (the step reads config.beta when traced); what they trace
     # comes from their own copy of the config.
     def traced_step(programs) -> str:
-        images = jax.ShapeDtypeStruct((16, *shape), np.float32)
-        return str(jax.make_jaxpr(programs.train_step)(programs.target, images))
-
-    # Shared across run lengths, they must not read them: a step made for a 2-step config
-    # traces to the 4-step one's program.
-    tx = optim.create_optimizer(config.optimizer, 4, 2)[0]
-    two = make_train_step(first.model, tx, tiny_config(num_train_steps=2), mesh)
-    four = make_train_step(first.model, tx, tiny_config(num_epochs=3.0), mesh)
-    images = jax.ShapeDtypeStruct((16, *shape), np.float32)
-    assert str(jax.make_jaxpr(two)(first.target, images)) == str(
-        jax.make_jaxpr(four)(first.target, images)
-    )
+        return traced(programs.train_step, programs.target)
 
     config.beta = 2.5
     again = run_setup.build_programs(config, shape, 4, 2, mesh)
