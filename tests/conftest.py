@@ -10,7 +10,13 @@ import shutil
 import tempfile
 
 # multiprocess_launcher imports no JAX at module level, so this precedes JAX's initialisation.
-from multiprocess_launcher import FAST_COMPILE, collect_less, confine_mock_fs_to_its_thread
+from multiprocess_launcher import (
+    FAST_COMPILE,
+    Zygote,
+    collect_less,
+    confine_mock_fs_to_its_thread,
+    run_env,
+)
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
@@ -42,6 +48,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -51,6 +58,15 @@ import pytest  # noqa: E402
 def cache_dir() -> Path:
     """The test run's one compilation cache, for the ``train.py`` subprocesses too."""
     return Path(_xla_cache)
+
+
+@pytest.fixture(scope="session")
+def zygote(cache_dir) -> Iterator[Zygote]:
+    """Starts ``train.py`` subprocesses (``tests/multiprocess_launcher.py``) as forks of one
+    process that has imported everything: made at the first test that needs it."""
+    z = Zygote(run_env(cache_dir))
+    yield z
+    z.close()
 
 
 @pytest.fixture

@@ -9,17 +9,27 @@ Environment: ``JAXVAE_TEST_CPU_DEVICES`` (devices of this process, default 4),
 (this process sends itself SIGTERM once that step is done: a scheduler's preemption notice at
 a known step, without polling the log). Every process generates the same mock examples (tfds
 seeds them by index), so all processes see identical data.
+
+``python tests/multiprocess_launcher.py --serve`` is the tests' zygote (:class:`Zygote` starts
+it): it imports what ``train.py`` imports once, then forks one such process per request, so
+that no run pays the interpreter's start-up and ~6 CPU-s of imports (TensorFlow, JAX, Flax,
+orbax) again. A forked run is a real process (its own pid, signals, exit code, log) that goes
+on exactly as a started one from :func:`main`; JAX and TensorFlow have only been imported, not
+initialised, before the fork.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import runpy
+import select
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +128,225 @@ def sigterm_after_step(step: int) -> None:
     preemption.StopSignal.reached = signalling_reached
 
 
+# A test process's cluster variables must not leak into the runs (they would join a cluster).
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def device_env(devices: int) -> dict[str, str]:
+    """The variables that give a run ``devices`` virtual CPU devices."""
+    return {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        "JAXVAE_TEST_CPU_DEVICES": str(devices),
+    }
+
+
+def run_env(cache_dir: Path, devices: int = 4) -> dict[str, str]:
+    """The environment of a launcher run: this process's without its cluster variables, CPU
+    only, no huge-page restart, compiling with ``FAST_COMPILE`` into the test run's cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+    env.update(
+        device_env(devices),
+        JAX_PLATFORMS="cpu",
+        JAXVAE_HUGEPAGES="0",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return env
+
+
+# Environment variables that JAX and TensorFlow read when imported: a forked run must have the
+# zygote's values (XLA_FLAGS is read later, when the first backend is made).
+_READ_AT_IMPORT = ("JAX_", "TF_", "CUDA_VISIBLE_DEVICES")
+
+
+def _read_at_import(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+
+
+def _serve() -> None:
+    """The zygote's loop; returns only in a forked child, set up as its request asks.
+
+    stdin: one JSON request per line, ``{"argv", "env", "cwd", "log"}`` (start a run) or
+    ``{"pid", "signal"}`` (signal a child not yet reaped, so never a recycled pid). stdout:
+    ``ready``, then ``started PID`` per run and ``exited PID CODE`` (``Popen.returncode``'s
+    convention: ``-N`` for signal N). Ends, killing its children, when stdin closes.
+    """
+    sys.path.insert(0, str(ROOT))
+    import absl.app  # noqa: F401, PLC0415 - what train.py and the launcher import, once
+    import jax  # noqa: F401, PLC0415
+    import ml_collections.config_flags  # noqa: F401, PLC0415
+    import tensorflow  # noqa: F401, PLC0415 - tfds imports it lazily, at the first dataset
+    import tensorflow_datasets.testing  # noqa: F401, PLC0415
+
+    from jaxvae import cli, distributed, train_lib  # noqa: F401, PLC0415
+
+    imported_env = _read_at_import(os.environ)
+    # Ctrl-C reaches the whole process group: the runs stop on it as they would, and the zygote
+    # stays to reap them until pytest closes its stdin.
+    on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    collect_less()  # frozen in the zygote: the children share these pages untouched
+    children: set[int] = set()
+    pending, stdin = b"", sys.stdin.fileno()
+
+    def answer(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    answer("ready")
+    while True:
+        readable, _, _ = select.select([stdin], [], [], 0.05)
+        chunk = os.read(stdin, 65536) if readable else b""
+        if readable and not chunk:  # the tests are done: no orphans left behind
+            for pid in children:
+                os.kill(pid, signal.SIGKILL)
+            for pid in children:
+                os.waitpid(pid, 0)
+            sys.exit(0)
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request = json.loads(line)
+            if "signal" in request:
+                if request["pid"] in children:
+                    os.kill(request["pid"], request["signal"])
+                continue
+            if _read_at_import(request["env"]) != imported_env:
+                raise ValueError(
+                    f"a forked run needs the zygote's {_READ_AT_IMPORT} variables "
+                    f"{imported_env}, got {_read_at_import(request['env'])}"
+                )
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGINT, on_sigint)  # as the zygote started: Python's own
+                _become(request)
+                return
+            children.add(pid)
+            answer(f"started {pid}")
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            children.discard(pid)
+            answer(f"exited {pid} {os.waitstatus_to_exitcode(status)}")
+
+
+def _become(request: dict) -> None:
+    """In a forked child: the run's stdin, log, directory, environment and arguments."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = list(request["argv"])
+
+
+class Zygote:
+    """The test side of ``--serve``: starts runs as forks of one prepared process.
+
+    ``env`` is the environment the zygote imports with; every run's environment must agree
+    with it on the variables read at import (``_READ_AT_IMPORT``). Off Linux (macOS forbids
+    forking a process that has loaded some system frameworks) each run is a plain subprocess.
+    """
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = dict(env)
+        self._forks = sys.platform == "linux"
+        if not self._forks:
+            return
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve"],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._exited: dict[int, int] = {}
+        self._started: list[int] = []
+        self._closed = False
+        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # one request and its answer at a time
+        if self._proc.stdout.readline().strip() != "ready":
+            self._proc.kill()
+            raise RuntimeError("the test zygote did not start (its error is above)")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            kind, pid, *code = line.split()
+            with self._changed:
+                if kind == "started":
+                    self._started.append(int(pid))
+                else:
+                    self._exited[int(pid)] = int(code[0])
+                self._changed.notify_all()
+        with self._changed:  # the zygote ended: nothing will exit any more
+            self._closed = True
+            self._changed.notify_all()
+
+    def _send(self, request: dict) -> None:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+
+    def start(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path
+    ) -> ForkedRun | subprocess.Popen:
+        """Forks ``argv`` (``[python, launcher, *args]``: the launcher's ``main`` runs)."""
+        if not self._forks:
+            with log.open("a") as out:
+                return subprocess.Popen(argv, cwd=cwd, env=dict(env), stdout=out, stderr=out)
+        with self._lock, self._changed:
+            self._send({"argv": list(argv[1:]), "env": dict(env), "cwd": str(cwd), "log": str(log)})
+            if not self._changed.wait_for(lambda: self._started or self._closed, 60):
+                raise RuntimeError("the test zygote did not fork")
+            if not self._started:
+                raise RuntimeError(f"the test zygote ended (exit {self._proc.wait()})")
+            return ForkedRun(self, self._started.pop())
+
+    def close(self) -> None:
+        """Kills the runs still going and ends the zygote."""
+        if not self._forks:
+            return
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+
+
+class ForkedRun:
+    """A run forked by a :class:`Zygote`: what the tests use of ``subprocess.Popen``."""
+
+    def __init__(self, zygote: Zygote, pid: int):
+        self._zygote, self.pid = zygote, pid
+
+    def poll(self) -> int | None:
+        with self._zygote._changed:
+            return self._zygote._exited.get(self.pid)
+
+    def wait(self, timeout: float | None = None) -> int:
+        z = self._zygote
+        with z._changed:
+            z._changed.wait_for(lambda: self.pid in z._exited or z._closed, timeout)
+            if self.pid in z._exited:
+                return z._exited[self.pid]
+            if z._closed:
+                raise RuntimeError(f"the test zygote ended before its run {self.pid}")
+            raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout)
+
+    def send_signal(self, sig: int) -> None:
+        with self._zygote._lock:
+            self._zygote._send({"pid": self.pid, "signal": int(sig)})
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 def main() -> None:
     """Sets the device count, enters tfds's mock data and runs train.py as ``__main__``."""
     import jax  # noqa: PLC0415 - only in the subprocess, never when pytest imports this file
@@ -137,4 +366,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        _serve()  # returns in a forked run only
     main()

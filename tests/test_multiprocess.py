@@ -1,12 +1,13 @@
 """``train.py`` as real subprocesses on CPU: several processes on JAX's distributed runtime,
 SIGTERM in the middle of a run (one process, and one of two), a process that dies.
 
-Each simulated host is a ``python tests/multiprocess_launcher.py`` subprocess with 4 virtual CPU
-devices, joined through ``--coordinator_address localhost:PORT --num_processes 2
---process_id i`` (gloo collectives). The reference is one process with 8 devices. All runs use
-``configs/tiny.py`` on tfds mock data (identical in every process), dynamically binarized: each
-process draws the bits of the whole global batch and keeps its rows, so 1 and 2 processes see
-the same batches.
+Each simulated host is a process running ``tests/multiprocess_launcher.py`` (``train.py`` on
+tfds mock data) with 4 virtual CPU devices, forked by the test run's zygote (the ``zygote``
+fixture: one process that has imported TensorFlow, JAX and jaxvae once), joined through
+``--coordinator_address localhost:PORT --num_processes 2 --process_id i`` (gloo collectives).
+The reference is one process with 8 devices. All runs use ``configs/tiny.py`` on tfds mock
+data (identical in every process), dynamically binarized: each process draws the bits of the
+whole global batch and keeps its rows, so 1 and 2 processes see the same batches.
 
 The uninterrupted runs are module-scoped fixtures, each the reference of several tests: one
 process (4 steps) and two processes (6 steps). The SIGTERM runs and their reruns must end
@@ -22,12 +23,10 @@ compared here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from multiprocess_launcher import FAST_COMPILE
+from multiprocess_launcher import Zygote, device_env
 
 from jaxvae import checkpointing, config_utils, run_setup
 
@@ -58,8 +57,6 @@ STOPPED = re.compile(
 # See test_two_processes_equal_one_process (weight decay).
 OVERRIDES = {"optimizer.weight_decay": 1.0}
 COMMON_ARGS = ("--config", "configs/tiny.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
-# A launcher's own variables must not leak into the children (they would join a cluster).
-_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def _free_port() -> int:
@@ -68,30 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, cache_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-        JAXVAE_TEST_CPU_DEVICES=str(devices),
-        JAXVAE_TEST_MOCK_EXAMPLES=str(NUM_EXAMPLES),
-        JAX_PLATFORMS="cpu",
-        JAXVAE_HUGEPAGES="0",
-        CUDA_VISIBLE_DEVICES="",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    return env
-
-
 class Run:
-    """The processes of one ``train.py`` run; process ``i`` logs to ``<workdir>.log<i>``."""
+    """The processes of one ``train.py`` run, forked by ``zygote``; process ``i`` logs to
+    ``<workdir>.log<i>``."""
 
     def __init__(
         self,
         workdir: Path,
-        cache_dir: Path,
+        zygote: Zygote,
         *args: str,
         processes: int = 2,
         common: bool = True,
@@ -113,16 +94,10 @@ class Run:
             head = COMMON_ARGS if common else COMMON_ARGS[:2]
             argv = [sys.executable, str(LAUNCHER), *head, "--workdir", str(workdir)]
             argv += [*args, *(own_args[i] if own_args else ()), *(join if processes > 1 else ())]
-            with log.open("w") as out:
-                self.procs.append(
-                    subprocess.Popen(
-                        argv,
-                        cwd=ROOT,
-                        env={**_env(devices, cache_dir), **(own_env or {}).get(i, {})},
-                        stdout=out,
-                        stderr=out,
-                    )
-                )
+            env = {**zygote.env, **device_env(devices), **(own_env or {}).get(i, {})}
+            env["JAXVAE_TEST_MOCK_EXAMPLES"] = str(NUM_EXAMPLES)
+            log.write_text("")  # there to read from now on; the run appends to it
+            self.procs.append(zygote.start(argv, env, ROOT, log))
 
     def log(self, i: int = 0) -> str:
         return self.logs[i].read_text(errors="replace")
@@ -183,20 +158,20 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir) -> Iterator[Run]:
+def reference(tmp_path_factory, zygote) -> Iterator[Run]:
     """One process, 8 devices, 4 steps (checkpoints at 2 and 4, evaluation at 4).
 
     Started, not awaited: it runs alongside ``two_processes`` (call ``.wait()`` before use).
     """
-    run = Run(tmp_path_factory.mktemp("one") / "wd", cache_dir, processes=1)
+    run = Run(tmp_path_factory.mktemp("one") / "wd", zygote, processes=1)
     yield run
     run.kill()
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, cache_dir) -> Iterator[Run]:
+def two_processes(tmp_path_factory, zygote) -> Iterator[Run]:
     """Two processes x 4 devices, ``STEPS`` steps in one go; started, not awaited."""
-    run = Run(tmp_path_factory.mktemp("two") / "wd", cache_dir, *TWO_PROCESS_ARGS)
+    run = Run(tmp_path_factory.mktemp("two") / "wd", zygote, *TWO_PROCESS_ARGS)
     yield run
     run.kill()
 
@@ -260,13 +235,13 @@ def _checkpoints(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
 
 
-def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory, cache_dir):
+def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory, zygote):
     """One process, SIGTERM after step 1 (the launcher sends it: no polling): exit code 143, a
     checkpoint of exactly step 1 (not a checkpoint step) and nothing else, the workdir lock
     gone; the same command again resumes and ends bit-identical to the uninterrupted
     ``reference``."""
     workdir = tmp_path_factory.mktemp("sigterm") / "wd"
-    run = Run(workdir, cache_dir, processes=1, own_env={0: SIGTERM})
+    run = Run(workdir, zygote, processes=1, own_env={0: SIGTERM})
     codes = _exit_codes(run)
     text = run.log(0)
     assert codes == [128 + signal.SIGTERM], text[-3000:]
@@ -276,14 +251,14 @@ def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory,
     assert not (workdir / "results.json").exists()
     assert not (workdir / "jaxvae.lock").exists()  # the workdir is free for the rerun
 
-    rerun = Run(workdir, cache_dir, processes=1).wait()  # the same command again
+    rerun = Run(workdir, zygote, processes=1).wait()  # the same command again
     assert f"Resumed from {workdir / 'checkpoints'} at step {SIGNAL_STEP}" in rerun.log(0)
     got, _ = load_checkpoint(workdir, 4)
     want, _ = load_checkpoint(reference.wait().workdir, 4)
     jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU
 
 
-def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, cache_dir):
+def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, zygote):
     """SIGTERM to process 1 only, after step 1: JAX's preemption sync point stops both after
     the same step (one past the furthest step any process had reached, so at most a few steps
     later; logging every step keeps the processes in step); the same command again resumes,
@@ -292,7 +267,7 @@ def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, ca
     workdir = tmp_path_factory.mktemp("sigterm2") / "wd"
     args = (*TWO_PROCESS_ARGS, "--config.log_every_steps=1")
     t0 = time.monotonic()
-    run = Run(workdir, cache_dir, *args, own_env={1: SIGTERM})
+    run = Run(workdir, zygote, *args, own_env={1: SIGTERM})
     codes = _exit_codes(run)
     logs = [run.log(0), run.log(1)]
     assert all(c != 0 for c in codes), (codes, logs[0][-2000:], logs[1][-2000:])
@@ -303,7 +278,7 @@ def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, ca
     # The periodic checkpoints before the stop, and the stop's own.
     assert _checkpoints(workdir) == sorted({k for k in (2, 4) if k < step} | {step})
 
-    resumed = Run(workdir, cache_dir, *args).wait()  # the same command again
+    resumed = Run(workdir, zygote, *args).wait()  # the same command again
     assert f"at step {step}" in resumed.log(0) and "Resumed from" in resumed.log(0)
     assert list(metrics(workdir)) == list(range(1, STEPS + 1))
     got, _ = load_checkpoint(workdir, STEPS)
@@ -321,7 +296,7 @@ def _wait_for_line(run: Run, text: str, timeout: float) -> None:
 
 
 def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
-    two_processes, tmp_path_factory, cache_dir
+    two_processes, tmp_path_factory, zygote
 ):
     """SIGKILL process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (plus
     slack), and every checkpoint step left behind is complete and restorable."""
@@ -330,7 +305,7 @@ def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
     shutil.copytree(two_processes.wait().workdir, workdir)
     run = Run(
         workdir,
-        cache_dir,
+        zygote,
         "--config.num_train_steps=100000",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=2",
@@ -368,7 +343,7 @@ def test_dead_process_stops_the_other_and_leaves_complete_checkpoints(
     assert int(state["step"]) == latest
 
 
-def test_processes_that_disagree_or_never_meet(tmp_path, cache_dir):
+def test_processes_that_disagree_or_never_meet(tmp_path, zygote):
     """Refused on every process before anything is written, with one line each: processes
     started with different configs (a resumed field and a model field), a run whose workdir
     another run holds (process 0 checks the lock, all refuse), and a process whose peers never
@@ -387,9 +362,9 @@ def test_processes_that_disagree_or_never_meet(tmp_path, cache_dir):
         ("--config.batch_size=32", "--config.model.latent_dim=5"),
     ]
     runs = {
-        "disagree": Run(workdirs["disagree"], cache_dir, own_args=mismatch),
-        "held": Run(workdirs["held"], cache_dir),
-        "alone": Run(workdirs["alone"], cache_dir, "--join_timeout=3", started=[0]),
+        "disagree": Run(workdirs["disagree"], zygote, own_args=mismatch),
+        "held": Run(workdirs["held"], zygote),
+        "alone": Run(workdirs["alone"], zygote, "--join_timeout=3", started=[0]),
     }
     try:
         t0 = time.monotonic()

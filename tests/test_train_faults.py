@@ -224,7 +224,7 @@ def test_eval_and_sample_from_the_workdir_config(trained, mock, train_py, capsys
 
 
 @pytest.mark.multiprocess
-def test_one_run_per_workdir(trained, mock, train_py, capsys, tmp_path, cache_dir):
+def test_one_run_per_workdir(trained, mock, train_py, capsys, tmp_path, zygote):
     """While ``python train.py`` trains a workdir, a second and a third run of it are refused
     with one line naming the first (which goes on untouched) and --mode eval may read it; after
     SIGKILL, the lock it left is recognised as stale and the next run resumes."""
@@ -242,7 +242,7 @@ def test_one_run_per_workdir(trained, mock, train_py, capsys, tmp_path, cache_di
             "checkpoint_every_steps",
         )
     ]
-    run = Run(workdir, cache_dir, *never, processes=1, common=False)
+    run = Run(workdir, zygote, *never, processes=1, common=False)
     first = run.procs[0].pid
     try:
         _wait_for_line(run, "Training tiny on", timeout=240)
@@ -360,7 +360,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("fault", ["read_only", "no_space"])
-def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, cache_dir, fault):
+def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, zygote, fault):
     """The checkpoints folder becomes read-only / full after step 2; ``python train.py`` (a
     subprocess: it exits without waiting for orbax's threads of the failed save) goes on to 4."""
     from test_multiprocess import Run
@@ -377,7 +377,7 @@ def test_checkpoint_that_cannot_be_written(trained, mock, tmp_path, cache_dir, f
             filler = ckpt / "filler"
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         kept = snapshot(ckpt / "2")
-        run = Run(workdir, cache_dir, processes=1, common=False)
+        run = Run(workdir, zygote, processes=1, common=False)
         code = run.procs[0].wait(timeout=300)
         err = run.log(0)
         assert code == 1, err[-3000:]
