@@ -15,7 +15,7 @@ it): it imports what ``train.py`` imports once, then forks one such process per 
 that no run pays the interpreter's start-up and ~6 CPU-s of imports (TensorFlow, JAX, Flax,
 orbax) again. A forked run is a real process (its own pid, signals, exit code, log) that goes
 on exactly as a started one from :func:`main`; JAX and TensorFlow have only been imported, not
-initialised, before the fork.
+initialised, before the fork. (``ps`` shows the runs with the zygote's command line.)
 """
 
 from __future__ import annotations
