@@ -318,6 +318,24 @@ class Zygote:
         self._proc.stdin.close()
         self._proc.wait(timeout=60)
 
+    def returncode(self, pid: int) -> int | None:
+        with self._changed:
+            return self._exited.get(pid)
+
+    def wait(self, pid: int, timeout: float | None) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: pid in self._exited or self._closed, timeout)
+            if pid in self._exited:
+                return self._exited[pid]
+            if self._closed:
+                raise RuntimeError(f"the test zygote ended before its run {pid}")
+            raise subprocess.TimeoutExpired(f"forked run {pid}", timeout)
+
+    def send_signal(self, pid: int, sig: int) -> None:
+        """Signals run ``pid`` unless it has been reaped (its pid may be another's by then)."""
+        with self._lock:
+            self._send({"pid": pid, "signal": int(sig)})
+
 
 class ForkedRun:
     """A run forked by a :class:`Zygote`: what the tests use of ``subprocess.Popen``."""
@@ -326,22 +344,13 @@ class ForkedRun:
         self._zygote, self.pid = zygote, pid
 
     def poll(self) -> int | None:
-        with self._zygote._changed:
-            return self._zygote._exited.get(self.pid)
+        return self._zygote.returncode(self.pid)
 
     def wait(self, timeout: float | None = None) -> int:
-        z = self._zygote
-        with z._changed:
-            z._changed.wait_for(lambda: self.pid in z._exited or z._closed, timeout)
-            if self.pid in z._exited:
-                return z._exited[self.pid]
-            if z._closed:
-                raise RuntimeError(f"the test zygote ended before its run {self.pid}")
-            raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout)
+        return self._zygote.wait(self.pid, timeout)
 
     def send_signal(self, sig: int) -> None:
-        with self._zygote._lock:
-            self._zygote._send({"pid": self.pid, "signal": int(sig)})
+        self._zygote.send_signal(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
