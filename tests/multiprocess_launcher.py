@@ -140,12 +140,13 @@ def device_env(devices: int) -> dict[str, str]:
     }
 
 
-def run_env(cache_dir: Path, devices: int = 4) -> dict[str, str]:
+def run_env(cache_dir: Path) -> dict[str, str]:
     """The environment of a launcher run: this process's without its cluster variables, CPU
-    only, no huge-page restart, compiling with ``FAST_COMPILE`` into the test run's cache."""
+    only (4 devices: ``device_env`` changes that), no huge-page restart, compiling with
+    ``FAST_COMPILE`` into the test run's cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
     env.update(
-        device_env(devices),
+        device_env(4),
         JAX_PLATFORMS="cpu",
         JAXVAE_HUGEPAGES="0",
         CUDA_VISIBLE_DEVICES="",
