@@ -7,6 +7,7 @@ so a wrong flatten order could not pass.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -43,6 +44,14 @@ def forward_with_eps(m, x, eps, train):
     return m.decode(mean + jnp.exp(0.5 * logvar) * eps, train=train), mean, logvar
 
 
+def forward(model, variables, x, eps, train=False):
+    """``forward_with_eps`` as one compiled program (op by op, every primitive of the model
+    would be compiled on its own); in train mode also the BatchNorm updates."""
+    mutable = ["batch_stats"] if train else False
+    apply = functools.partial(model.apply, method=forward_with_eps, mutable=mutable)
+    return jax.jit(apply, static_argnums=3)(variables, x, eps, train)
+
+
 @pytest.fixture(scope="module")
 def converted(fixture):
     return convert.load_pytorch_vanilla_vae(torch_state_dict(fixture), image_size=16)
@@ -62,14 +71,12 @@ def test_eval_and_train_mode_match_pytorch(fixture, converted, conv_impl):
     model = model.clone(conv_impl=conv_impl)
     x, eps = jnp.asarray(nhwc(fixture["x"])), jnp.asarray(fixture["eps"])
 
-    out, mean, logvar = model.apply(variables, x, eps, False, method=forward_with_eps)
+    out, mean, logvar = forward(model, variables, x, eps)
     np.testing.assert_allclose(out, nhwc(fixture["eval_recons"]), atol=ATOL, rtol=0)
     np.testing.assert_allclose(mean, fixture["eval_mu"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(logvar, fixture["eval_log_var"], atol=ATOL, rtol=0)
 
-    (out, mean, logvar), _ = model.apply(
-        variables, x, eps, True, method=forward_with_eps, mutable=["batch_stats"]
-    )
+    (out, mean, logvar), _ = forward(model, variables, x, eps, train=True)
     np.testing.assert_allclose(out, nhwc(fixture["train_recons"]), atol=ATOL, rtol=0)
     np.testing.assert_allclose(mean, fixture["train_mu"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(logvar, fixture["train_log_var"], atol=ATOL, rtol=0)
@@ -99,9 +106,7 @@ def test_running_statistics_after_one_train_step(fixture, converted):
     and it is checked to differ from PyTorch's by the predicted amount."""
     model, variables = converted
     x, eps = jnp.asarray(nhwc(fixture["x"])), jnp.asarray(fixture["eps"])
-    _, updates = model.apply(
-        variables, x, eps, True, method=forward_with_eps, mutable=["batch_stats"]
-    )
+    _, updates = forward(model, variables, x, eps, train=True)
     stats = updates["batch_stats"]
     after_keys = {k for k in fixture if k.startswith("after/") and k.endswith(".running_mean")}
     assert {f"after/{name}.running_mean" for name in BN_LAYERS} == after_keys
@@ -140,7 +145,7 @@ def naive_variables(fx):
 def test_parity_test_detects_a_flatten_order_bug(fixture, converted):
     model, _ = converted
     x, eps = jnp.asarray(nhwc(fixture["x"])), jnp.asarray(fixture["eps"])
-    out, mean, _ = model.apply(naive_variables(fixture), x, eps, False, method=forward_with_eps)
+    out, mean, _ = forward(model, naive_variables(fixture), x, eps)
     assert np.abs(mean - fixture["eval_mu"]).max() > 100 * ATOL
     assert np.abs(out - nhwc(fixture["eval_recons"])).max() > 100 * ATOL
 
@@ -311,7 +316,7 @@ def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
     assert step == 0 and model == converted[0].clone(conv_impl="auto")
     jax.tree.map(np.testing.assert_array_equal, variables, jax.device_get(converted[1]))
     x, eps = jnp.asarray(nhwc(fixture["x"])), jnp.asarray(fixture["eps"])
-    out, _, _ = model.apply(variables, x, eps, False, method=forward_with_eps)
+    out, _, _ = forward(model, variables, x, eps)
     np.testing.assert_allclose(out, nhwc(fixture["eval_recons"]), atol=ATOL, rtol=0)
 
     # Refusals: a size that does not fit, and a folder that already holds a run; neither

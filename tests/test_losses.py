@@ -135,8 +135,12 @@ def test_kl_gradients():
 def test_kl_is_finite_and_accurate_for_extreme_logvar():
     logvar = jnp.linspace(-30.0, 30.0, 61)[:, None] * jnp.ones((1, 3))
     mean = jnp.linspace(-5.0, 5.0, 61)[:, None] * jnp.ones((1, 3))
-    kl = losses.gaussian_kl(mean, logvar)
-    grads = jax.grad(lambda m, lv: losses.gaussian_kl(m, lv).sum(), argnums=(0, 1))(mean, logvar)
+    kl, grads = jax.jit(  # one program, not op by op
+        lambda m, lv: (
+            losses.gaussian_kl(m, lv),
+            jax.grad(lambda m, lv: losses.gaussian_kl(m, lv).sum(), argnums=(0, 1))(m, lv),
+        )
+    )(mean, logvar)
     assert np.all(np.isfinite(kl)) and all(np.all(np.isfinite(g)) for g in grads)
     lv, m = np.asarray(logvar, np.float64), np.asarray(mean, np.float64)
     expected = 0.5 * np.sum(np.exp(lv) - 1 - lv + m**2, axis=-1)
@@ -144,7 +148,7 @@ def test_kl_is_finite_and_accurate_for_extreme_logvar():
     # Near the prior there is no cancellation: KL = (e^d - 1 - d) / 2 to full precision,
     # on both sides of the series/expm1 switch at |d| = 0.01.
     d = np.array([-0.3, -0.0101, -0.0099, -1e-4, 1e-6, 1e-4, 0.0099, 0.0101, 0.3])
-    tiny = losses.gaussian_kl(jnp.zeros((9, 1)), jnp.asarray(d[:, None], jnp.float32))
+    tiny = jax.jit(losses.gaussian_kl)(jnp.zeros((9, 1)), jnp.asarray(d[:, None], jnp.float32))
     np.testing.assert_allclose(tiny, 0.5 * (np.expm1(d) - d), rtol=2e-5)
 
 
@@ -361,7 +365,7 @@ def test_iwae_chunking_handles_remainders_and_large_k():
     args = (model.decode_fn(), *f32(x, m, lv), model.log_likelihood_fn())
     # One chunk equals a single logsumexp over all K weights computed by hand.
     key, k = jax.random.key(7), 37
-    got = losses.iwae_log_likelihood(key, *args, num_samples=k, chunk_size=k)
+    got = iwae_jit(key, args, num_samples=k, chunk_size=k)
     # Sample j of example i comes from fold_in(fold_in(key, i), j).
     eps = np.asarray(_iwae_noise(key, k, (2, 3)))
     z = m + np.exp(0.5 * lv) * np.asarray(eps, np.float64)
@@ -374,7 +378,7 @@ def test_iwae_chunking_handles_remainders_and_large_k():
 
     np.testing.assert_allclose(got, logsumexp(log_w, axis=0) - np.log(k), rtol=1e-5)
     # K = 5000 in chunks of 64 (79 chunks, the last partly masked) runs and is near log p(x).
-    big = losses.iwae_log_likelihood(key, *args, num_samples=5000, chunk_size=64)
+    big = iwae_jit(key, args, num_samples=5000, chunk_size=64)
     assert np.all(np.isfinite(big))
     np.testing.assert_allclose(big, model.log_marginal(x), atol=0.05)
 
@@ -462,7 +466,9 @@ def test_iwae_bound_increases_with_k_toward_log_px():
     dec, ll = model.decode_fn(), model.log_likelihood_fn()
     # The exact posterior: every weight is p(x), so the bound is exact for every K.
     for k in (1, 7, 50):
-        got = losses.iwae_bound(jax.random.key(k), dec, *f32(x, m, lv), ll, num_samples=k)
+        got = jax.jit(lambda key, *a, k=k: losses.iwae_bound(key, dec, *a, ll, num_samples=k))(
+            jax.random.key(k), *f32(x, m, lv)
+        )
         np.testing.assert_allclose(got, model.log_marginal(x), rtol=2e-5, atol=2e-4)
     # A worse q (wider and shifted): E[L_1] < E[L_10] < E[L_100] <= log p(x).
     x32, m32, lv32 = f32(x, m + 0.6, lv + 0.8)
@@ -522,13 +528,18 @@ def test_iwae_bound_at_one_chunk_is_iwae_log_likelihood_with_its_noise():
     x32, m32, lv32 = f32(x, m + 0.3, lv + 0.3)
     key = jax.random.key(17)
     for k in (1, 12):
+
+        @jax.jit  # one program, not op by op
+        def both(key, eps, x, m, lv, k=k):
+            log_w = losses.log_importance_weights(dec, x, m, lv, eps, ll)
+            by_hand = jax.nn.logsumexp(log_w, axis=0) - np.log(k)
+            chunked = losses.iwae_log_likelihood(
+                key, dec, x, m, lv, ll, num_samples=k, chunk_size=k
+            )
+            return chunked, by_hand
+
         eps = _iwae_noise(key, k, m32.shape)
-        log_w = losses.log_importance_weights(dec, x32, m32, lv32, eps, ll)
-        by_hand = jax.nn.logsumexp(log_w, axis=0) - np.log(k)
-        chunked = losses.iwae_log_likelihood(
-            key, dec, x32, m32, lv32, ll, num_samples=k, chunk_size=k
-        )
-        np.testing.assert_allclose(chunked, by_hand, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(*both(key, eps, x32, m32, lv32), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=0)
 
@@ -743,11 +754,12 @@ def test_iwae_with_one_key_per_example_does_not_depend_on_the_device_or_batch():
         )
     )(keys, x, m, lv)
     whole = jax.jit(lambda *a: estimate(*a, chunk_size=3, batch_chunk_size=5))(keys, x, m, lv)
-    alone = [estimate(keys[i : i + 1], x[i : i + 1], m[i : i + 1], lv[i : i + 1]) for i in (0, 7)]
+    one_program = jax.jit(estimate)
+    alone = [one_program(*(a[i : i + 1] for a in (keys, x, m, lv))) for i in (0, 7)]
     np.testing.assert_allclose(sharded, whole, rtol=1e-5)
     np.testing.assert_allclose(np.concatenate(alone), whole[np.array([0, 7])], rtol=1e-5)
     # A single key stands for example_keys(key, B).
-    single = estimate(jax.random.key(3), x, m, lv)
+    single = one_program(jax.random.key(3), x, m, lv)
     np.testing.assert_allclose(single, whole, rtol=1e-5)
     with pytest.raises(ValueError, match="one key per example"):
         estimate(keys[:3], x, m, lv)

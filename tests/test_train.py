@@ -3,6 +3,7 @@
 The runs share one module-scoped workdir (a 4-step run) that most tests reuse.
 """
 
+import functools
 import hashlib
 import json
 import shutil
@@ -278,7 +279,8 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
     batch = next(input_pipeline.create_eval_batches(config.data, 4 * n, 0, 1))
     x = batch["image"][batch["mask"]]
     assert len(x) == 4 * n
-    recon = np.asarray(model.apply(variables, x, method="reconstruct"))
+    reconstruct = jax.jit(functools.partial(model.apply, method="reconstruct"))  # one program
+    recon = np.asarray(reconstruct(variables, x))
     grid = reporting.image_grid(reporting.interleave_rows(x, recon, n), n)
     png = np.asarray(Image.open(workdir / "images" / "reconstructions_step00000004.png"))
     assert png.shape == grid.shape
