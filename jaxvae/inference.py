@@ -94,8 +94,9 @@ def load_trained(
     For example::
 
         model, variables, step = load_trained(config, "runs/mnist")
-        images = model.apply(variables, x, method="reconstruct")  # x: [N, H, W, C]
-        samples = model.apply(variables, jax.random.key(0), 16, method="sample")
+        reconstruct = jax.jit(functools.partial(model.apply, method="reconstruct"))
+        images = reconstruct(variables, x)  # x: [N, H, W, C]; one program under jit
+        samples = model.apply(variables, jax.random.key(0), 16, method="sample")  # op by op
 
     Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
     checkpoint, ``ValueError`` for another ``which``. The dataset need not be here when

@@ -37,8 +37,11 @@ def _images(builder: Any, split: str, data: Any, seed: int | None = None) -> tup
         image.set_shape(native)
         return tf_support.crop_resize(image, data.center_crop, data.image_size)
 
-    decoded = lambda ds: ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.map(lambda ex: ex["image"]), decoded
+    def decoded(ds: Any) -> Any:
+        options = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
+        return tf_support.map_images(ds, decode, **options)
+
+    return tf_support.map_images(ds, lambda ex: ex["image"]), decoded
 
 
 class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):

@@ -67,6 +67,14 @@ def split_num_examples(builder: Any, split: str) -> int:
     return n
 
 
+def map_images(ds: Any, fn: Any, **options: Any) -> Any:
+    """``ds.map(fn, **options)`` without AutoGraph: jaxvae's map functions are plain TF ops whose
+    only Python branches test config values, so the converted graph would be the same. Converting
+    costs ~0.2 CPU-s per function and process, and leaves its generated source in the temp
+    folder of a process that is killed."""
+    return ds.map(import_tf().autograph.experimental.do_not_convert(fn), **options)
+
+
 def crop_resize(image: Any, center_crop: int | None, image_size: int | None) -> Any:
     """TF op: uint8 image [H, W, C] -> uint8 [S, S, C], center crop then bilinear resize.
 
@@ -90,7 +98,7 @@ def load_split(builder: Any, split: str, crop: int | None, size: int | None) -> 
     Read in chunks: tfds's `batch_size=-1` needs split sizes, which some builders' info lacks.
     """
     ds = builder.as_dataset(split=split, shuffle_files=False)
-    ds = ds.map(lambda ex: crop_resize(ex["image"], crop, size))
+    ds = map_images(ds, lambda ex: crop_resize(ex["image"], crop, size))
     chunks = list(import_tfds().as_numpy(ds.batch(8192)))
     shape = output_image_shape(builder, crop, size)
     images = np.concatenate(chunks) if chunks else np.zeros((0, *shape), np.uint8)
