@@ -478,28 +478,6 @@ def test_offline_without_manual_dir_says_what_to_do(tmp_path, monkeypatch):
     assert issubclass(input_pipeline.DatasetNotFoundError, RuntimeError)
 
 
-def test_no_download_when_the_caller_forbids_it(tmp_path, monkeypatch):
-    """``download=False`` (drawing samples, loading a trained model): a dataset that is not
-    prepared is not downloaded (no request at all) but reported as missing, with what to do;
-    a ``manual_dir`` is still read (here: synthetic files, refused for their item counts)."""
-    requested = no_network(monkeypatch, "no network here")
-    cfg = data_config(name="fashion_mnist", data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
-        input_pipeline.get_dataset_info(cfg, download=False)
-    assert requested == []
-    assert "never downloads it" in str(e.value)
-    assert "--config.data.manual_dir=/path/to/fashion_mnist" in str(e.value)
-    manual = tmp_path / "m"
-    manual.mkdir()
-    for name in MNIST_FILES:
-        kind = "images" if "images" in name else "labels"
-        write_idx_gz(manual / name, kind, 100 if name.startswith("train") else 20)
-    cfg.manual_dir = str(manual)
-    with pytest.raises(input_pipeline.CorruptDatasetFileError, match="expected 10000"):
-        input_pipeline.get_dataset_info(cfg, download=False)
-    assert requested == []
-
-
 def test_manual_dir_with_corrupt_file_names_it(tmp_path):
     manual = tmp_path / "m"
     manual.mkdir()
