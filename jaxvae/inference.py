@@ -99,8 +99,8 @@ def load_trained(
         samples = model.apply(variables, jax.random.key(0), 16, method="sample")  # op by op
 
     Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
-    checkpoint, ``ValueError`` for another ``which``. The dataset need not be here when
-    ``config.data.image_size`` (or ``center_crop``) fixes the image size.
+    checkpoint, ``ValueError`` for another ``which``. The dataset is never downloaded, and
+    need not be here when ``config.data.image_size`` (or ``center_crop``) fixes the image size.
     """
     s, state, step = _restore_for_inference(config, workdir, which, needs_data=False)
     try:
@@ -116,7 +116,8 @@ def sample_workdir(
     """Writes the PNG grids of a checkpoint to ``<workdir>/samples/``; returns their paths.
 
     Prior samples, and reconstructions and interpolations of the first eval images when the
-    dataset is here; without it (a converted model, a copied workdir), prior samples only.
+    dataset is here (prepared, or in ``config.data.manual_dir``: it is never downloaded);
+    without it (a converted model, a copied workdir), prior samples only.
     """
     s, state, step = _restore_for_inference(config, workdir, which, needs_data=False)
     try:

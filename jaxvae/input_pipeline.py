@@ -44,16 +44,19 @@ class DatasetInfo:
     name: str
 
 
-def _builder(data: Any) -> Any:
+def _builder(data: Any, download: bool = True) -> Any:
     """The prepared tfds builder of `config.data` (`--config.data.manual_dir=` means unset)."""
-    return prepared_builder(data.name, data.data_dir or None, data.manual_dir or None)
+    return prepared_builder(
+        data.name, data.data_dir or None, data.manual_dir or None, download=download
+    )
 
 
-def get_dataset_info(data: Any) -> DatasetInfo:
-    """Image shape and split sizes from tfds's info (nothing decoded), preparing if needed.
+def get_dataset_info(data: Any, *, download: bool = True) -> DatasetInfo:
+    """Image shape and split sizes from tfds's info (nothing decoded), preparing if needed:
+    from `data.manual_dir`, else by downloading (not with ``download=False``).
 
     DatasetNotFoundError when the dataset is not available (the message says what to do)."""
-    builder = _builder(data)
+    builder = _builder(data, download)
     return DatasetInfo(
         tf_support.output_image_shape(builder, data.center_crop, data.image_size),
         tf_support.split_num_examples(builder, data.train_split),

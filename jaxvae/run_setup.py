@@ -150,8 +150,9 @@ def setup(
 ) -> Setup:
     """Validates everything and builds the pieces; writes nothing (in the workdir).
 
-    ``needs_data=False`` (drawing prior samples, loading the model) accepts a dataset that
-    cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
+    ``needs_data=False`` (drawing prior samples, loading the model) never downloads the dataset
+    (it is used when prepared, or preparable from ``config.data.manual_dir``) and accepts one
+    that cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
     (or ``center_crop``) with the checkpoint's channel count, and the optimizer's schedule
     length is a placeholder (nothing trains). Without either field the dataset's error is
     raised as usual.
@@ -161,7 +162,7 @@ def setup(
     mesh = make_mesh()
     config_utils.validate(config, mesh.size)
     try:
-        info = input_pipeline.get_dataset_info(config.data)
+        info = input_pipeline.get_dataset_info(config.data, download=needs_data)
         missing = None
     except input_pipeline.DatasetNotFoundError as e:
         if needs_data:

@@ -20,6 +20,7 @@ initialised, before the fork. (``ps`` shows the runs with the zygote's command l
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -29,7 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,21 @@ FAST_COMPILE = (
     " --xla_cpu_use_fusion_emitters=false"
 )
 _REDIRECTING = ("_mock_open", "_mock_fn", "_mock_fn_2_args", "_mock_glob", "_mock_walk")
+
+
+@contextlib.contextmanager
+def mock_data(**options) -> Iterator[None]:
+    """``tfds.testing.mock_data(**options)`` whose datasets count as prepared, as a dataset
+    that a user downloaded or prepared from ``config.data.manual_dir`` does: tfds's mock leaves
+    ``is_prepared()`` False and relies on its ``download_and_prepare`` doing nothing, which
+    jaxvae calls only where it may download (not for drawing samples or loading a model)."""
+    from unittest import mock  # noqa: PLC0415
+
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - never when pytest imports this file
+
+    prepared = mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(**options), prepared:
+        yield
 
 
 def confine_mock_fs_to_its_thread() -> None:
@@ -365,13 +381,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if "JAXVAE_TEST_SIGTERM_AT_STEP" in os.environ:
         sigterm_after_step(int(os.environ["JAXVAE_TEST_SIGTERM_AT_STEP"]))
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
     confine_mock_fs_to_its_thread()
     collect_less()
     num_examples = int(os.environ.get("JAXVAE_TEST_MOCK_EXAMPLES", "40"))
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
-    with tfds.testing.mock_data(num_examples=num_examples):
+    with mock_data(num_examples=num_examples):
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
 
 

@@ -1,8 +1,9 @@
 """Tests of jaxvae.input_pipeline: resume, epochs, shards, binarization, eval masks, offline errors.
 
-The tfds path runs on `tfds.testing.mock_data`; the offline path on files written here. Real
-MNIST (../shared/data/mnist, or $JAXVAE_MNIST_DIR) is only validated when the folder exists,
-and fully prepared with tfds only when JAXVAE_TEST_REAL_DATA=1 (about 30 s).
+The tfds path runs on `tfds.testing.mock_data` (through `multiprocess_launcher.mock_data`); the
+offline path on files written here. Real MNIST (../shared/data/mnist, or $JAXVAE_MNIST_DIR) is
+only validated when the folder exists, and fully prepared with tfds only when
+JAXVAE_TEST_REAL_DATA=1 (about 30 s).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import struct
 
 import numpy as np
 import pytest
+from multiprocess_launcher import mock_data
 
 from jaxvae import config_utils, input_pipeline
 from jaxvae.data import memory, prepare, tf_support, transforms
@@ -226,9 +228,8 @@ def test_set_state_rejects_a_different_layout():
 
 
 def test_public_api_on_mock_mnist():
-    tfds = tf_support.import_tfds()
     cfg = data_config(name="mnist", binarize="dynamic")
-    with tfds.testing.mock_data(num_examples=20):
+    with mock_data(num_examples=20):
         info = input_pipeline.get_dataset_info(cfg)
         assert info == input_pipeline.DatasetInfo((28, 28, 1), 20, 20, "mnist")
         it = input_pipeline.create_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1)
@@ -251,18 +252,16 @@ def test_public_api_on_mock_mnist():
 
 
 def test_binarized_mnist_keeps_its_fixed_bits():
-    tfds = tf_support.import_tfds()
     cfg = data_config(name="binarized_mnist", binarize="none", pixel_range="unit")
-    with tfds.testing.mock_data(num_examples=12, max_value=2):  # values in {0, 1}
+    with mock_data(num_examples=12, max_value=2):  # values in {0, 1}
         x = next(input_pipeline.create_train_iterator(cfg, 12, 0, 0, 1))["image"]
         assert set(np.unique(x).tolist()) == {0.0, 1.0}  # {0, 1} stored, not divided by 255
-    with tfds.testing.mock_data(num_examples=12):  # grey levels are not binarized_mnist data
+    with mock_data(num_examples=12):  # grey levels are not binarized_mnist data
         with pytest.raises(ValueError, match="max_value=2"):  # info decodes nothing: read data
             input_pipeline.create_train_iterator(cfg, 12, 0, 0, 1)
 
 
 def test_streaming_celeba_on_mock_data():
-    tfds = tf_support.import_tfds()
     cfg = data_config(
         name="celeb_a",
         in_memory=False,
@@ -272,7 +271,7 @@ def test_streaming_celeba_on_mock_data():
         pixel_range="symmetric",
         shuffle_buffer=8,
     )
-    with tfds.testing.mock_data(num_examples=6):
+    with mock_data(num_examples=6):
         info = input_pipeline.get_dataset_info(cfg)
         assert info.image_shape == (16, 16, 3) and info.num_train == 6
         it = input_pipeline.create_train_iterator(cfg, 2, seed=4, process_index=0, process_count=1)
@@ -476,6 +475,28 @@ def test_offline_without_manual_dir_says_what_to_do(tmp_path, monkeypatch):
     for name in MNIST_FILES:
         assert f"/path/to/fashion_mnist/{name}" in msg
     assert issubclass(input_pipeline.DatasetNotFoundError, RuntimeError)
+
+
+def test_no_download_when_the_caller_forbids_it(tmp_path, monkeypatch):
+    """``download=False`` (drawing samples, loading a trained model): a dataset that is not
+    prepared is not downloaded (no request at all) but reported as missing, with what to do;
+    a ``manual_dir`` is still read (here: synthetic files, refused for their item counts)."""
+    requested = no_network(monkeypatch, "no network here")
+    cfg = data_config(name="fashion_mnist", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        input_pipeline.get_dataset_info(cfg, download=False)
+    assert requested == []
+    assert "never downloads it" in str(e.value)
+    assert "--config.data.manual_dir=/path/to/fashion_mnist" in str(e.value)
+    manual = tmp_path / "m"
+    manual.mkdir()
+    for name in MNIST_FILES:
+        kind = "images" if "images" in name else "labels"
+        write_idx_gz(manual / name, kind, 100 if name.startswith("train") else 20)
+    cfg.manual_dir = str(manual)
+    with pytest.raises(input_pipeline.CorruptDatasetFileError, match="expected 10000"):
+        input_pipeline.get_dataset_info(cfg, download=False)
+    assert requested == []
 
 
 def test_manual_dir_with_corrupt_file_names_it(tmp_path):

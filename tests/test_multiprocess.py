@@ -35,8 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from multiprocess_launcher import Zygote, device_env
+from multiprocess_launcher import Zygote, device_env, mock_data
 
 from jaxvae import checkpointing, config_utils, run_setup
 
@@ -129,7 +128,7 @@ def _config():
 
 def load_checkpoint(workdir: Path, step: int) -> tuple[dict, dict]:
     """(state as NumPy {params, batch_stats, opt_state, step}, data_iter) of a checkpoint."""
-    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    with mock_data(num_examples=NUM_EXAMPLES):
         s = run_setup.setup(_config(), workdir, for_training=False)
     try:
         state, data_state = checkpointing.restore(s.manager, step, s.target)

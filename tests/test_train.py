@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
+from multiprocess_launcher import mock_data
 
 from jaxvae import checkpointing, config_utils, inference, optim, run_setup, train_lib, train_state
 
@@ -39,7 +39,7 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def mock():
-    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    with mock_data(num_examples=NUM_EXAMPLES):
         yield
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from multiprocess_launcher import mock_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -66,11 +67,9 @@ def test_missing_dataset_offline(capsys, tmp_path, train_py):
 
 
 def test_eval_mode_without_checkpoint(capsys, tmp_path, train_py):
-    import tensorflow_datasets as tfds
-
     wd = tmp_path / "wd"
     wd.mkdir()
-    with tfds.testing.mock_data(num_examples=8):
+    with mock_data(num_examples=8):
         code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={wd}", "--mode=eval")
     assert code == 1 and "No checkpoints in" in err and "train first" in err
     assert list(wd.iterdir()) == []

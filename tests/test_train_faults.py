@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+from multiprocess_launcher import mock_data
 
 from jaxvae import checkpointing, config_utils, inference, train_lib
 
@@ -47,7 +47,7 @@ def snapshot(workdir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def mock():
-    with tfds.testing.mock_data(num_examples=40):
+    with mock_data(num_examples=40):
         yield
 
 

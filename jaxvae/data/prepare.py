@@ -4,10 +4,11 @@
 2. `manual_dir` given: every original file must be there (else DatasetNotFoundError naming the
    missing ones) and IDX files well-formed; tfds then prepares from the folder with no network,
    verifying every file's size and SHA-256 (a mismatch -> CorruptDatasetFileError naming it).
-3. Otherwise tfds downloads once, with no HTTP retry, so that offline the DatasetNotFoundError
-   comes at once, not after tfds's 10 retries with exponential backoff (minutes); as
-   `DownloadConfig` has no retry field, tfds's `downloader.MAX_RETRIES` is set to 0 and left
-   so (its other download threads read it after the first failed). There is no network
+3. Otherwise tfds downloads once (not with ``download=False``: commands that only read a
+   trained model never start a download), with no HTTP retry, so that offline the
+   DatasetNotFoundError comes at once, not after tfds's 10 retries with exponential backoff
+   (minutes); as `DownloadConfig` has no retry field, tfds's `downloader.MAX_RETRIES` is set
+   to 0 and left so (its other download threads read it after the first failed). There is no network
    probe: a network that drops packets costs a TCP connect timeout.
    tfds's progress bars are turned off: they would precede an offline error with empty bars.
 """
@@ -124,9 +125,13 @@ def _unknown_dataset(tfds: Any, name: str, cause: BaseException) -> DataConfigEr
     )
 
 
-def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None) -> Any:
+def prepared_builder(
+    name: str, data_dir: str | None, manual_dir: str | None, *, download: bool = True
+) -> Any:
     """A tfds builder whose data are prepared (see the module docstring); DataConfigError for
-    a name tfds cannot build, or a ``data_dir`` that cannot hold the prepared dataset."""
+    a name tfds cannot build, or a ``data_dir`` that cannot hold the prepared dataset;
+    DatasetNotFoundError for one that is not prepared, has no ``manual_dir`` and may not be
+    downloaded (``download=False``)."""
     tfds = tf_support.import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -143,6 +148,12 @@ def prepared_builder(name: str, data_dir: str | None, manual_dir: str | None) ->
     manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
     if manual_dir:
         check_manual_dir(builder, manual_dir)
+    elif not download:
+        raise DatasetNotFoundError(
+            f"{name} is not prepared in {builder.data_dir}, and drawing samples or loading a "
+            "trained model never downloads it (training or --mode eval does)\n"
+            f"{instructions(builder, source_files(builder), manual_dir)}"
+        )
     from tensorflow_datasets.core.download import download_manager, downloader
 
     how = f"from the files in {manual_dir}" if manual_dir else "by downloading it"
