@@ -94,9 +94,12 @@ def load_trained(
     For example::
 
         model, variables, step = load_trained(config, "runs/mnist")
+        # Under jax.jit each is one compiled program (outside it, one per primitive).
         reconstruct = jax.jit(functools.partial(model.apply, method="reconstruct"))
-        images = reconstruct(variables, x)  # x: [N, H, W, C]; one program under jit
-        samples = model.apply(variables, jax.random.key(0), 16, method="sample")  # op by op
+        images = reconstruct(variables, x)  # x: [N, H, W, C]
+        samples = jax.jit(lambda v, key: model.apply(v, key, 16, method="sample"))(
+            variables, jax.random.key(0)
+        )
 
     Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
     checkpoint, ``ValueError`` for another ``which``. The dataset is never downloaded, and
