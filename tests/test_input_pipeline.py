@@ -585,9 +585,17 @@ def test_a_name_tfds_cannot_build_is_one_line(name, words):
 
 
 def test_a_data_dir_that_cannot_hold_the_dataset(tmp_path):
+    """Refused when the dataset would be prepared there; when it would not be (no download,
+    no manual_dir: sampling), it is only missing, so sampling goes on with prior samples."""
     (tmp_path / "file").write_text("")
+    cfg = data_config(data_dir=str(tmp_path / "file"))
     with pytest.raises(tf_support.DataConfigError, match="is a file, not a folder"):
-        input_pipeline.get_dataset_info(data_config(data_dir=str(tmp_path / "file")))
+        input_pipeline.get_dataset_info(cfg)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="never downloads it"):
+        input_pipeline.get_dataset_info(cfg, download=False)
+    cfg.manual_dir = str(tmp_path)  # with files to prepare from, it would write there
+    with pytest.raises(tf_support.DataConfigError, match="is a file, not a folder"):
+        input_pipeline.get_dataset_info(cfg, download=False)
 
 
 @pytest.mark.skipif(not REAL_MNIST_DIR.is_dir(), reason=f"no real MNIST files in {REAL_MNIST_DIR}")

@@ -139,21 +139,21 @@ def prepared_builder(
         raise _unknown_dataset(tfds, name, e) from e
     if builder.is_prepared():
         return builder
+    manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
+    if not manual_dir and not download:  # nothing will be written: data_dir may be read-only
+        raise DatasetNotFoundError(
+            f"{name} is not prepared in {builder.data_dir}, and drawing samples or loading a "
+            "trained model never downloads it (training or --mode eval does)\n"
+            f"{instructions(builder, source_files(builder), manual_dir)}"
+        )
     reason = paths.not_writable_reason(data_dir) if data_dir else None
     if reason is not None:
         raise DataConfigError(
             f"config.data.data_dir={data_dir} cannot hold the prepared {name} ({reason}); set "
             "--config.data.data_dir to a folder you can write to, or to one where it is prepared."
         )
-    manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
     if manual_dir:
         check_manual_dir(builder, manual_dir)
-    elif not download:
-        raise DatasetNotFoundError(
-            f"{name} is not prepared in {builder.data_dir}, and drawing samples or loading a "
-            "trained model never downloads it (training or --mode eval does)\n"
-            f"{instructions(builder, source_files(builder), manual_dir)}"
-        )
     from tensorflow_datasets.core.download import download_manager, downloader
 
     how = f"from the files in {manual_dir}" if manual_dir else "by downloading it"
