@@ -102,8 +102,9 @@ def load_trained(
         )
 
     Raises ``checkpointing.CheckpointError`` when the workdir has no (evaluated, for ``best``)
-    checkpoint, ``ValueError`` for another ``which``. The dataset is never downloaded, and
-    need not be here when ``config.data.image_size`` (or ``center_crop``) fixes the image size.
+    checkpoint, ``ValueError`` for another ``which``. The dataset is never downloaded and need
+    not be here: the image shape comes from tensorflow-datasets' description of it (only a
+    dataset whose images vary in size needs its data).
     """
     s, state, step = _restore_for_inference(config, workdir, which, needs_data=False)
     try:

@@ -65,6 +65,15 @@ def get_dataset_info(data: Any, *, download: bool = True) -> DatasetInfo:
     )
 
 
+def catalog_image_shape(data: Any) -> tuple[int, int, int]:
+    """(H, W, C) of `config.data`'s images after crop/resize, from tensorflow-datasets'
+    description of the dataset (its code): nothing is read, prepared or downloaded, so it is
+    known where the data are not. ValueError for a dataset whose images vary in size."""
+    tfds = tf_support.import_tfds()
+    builder = tfds.builder(data.name, data_dir=data.data_dir or None)
+    return tf_support.output_image_shape(builder, data.center_crop, data.image_size)
+
+
 def _prepare(data: Any, batch_size: int, process_index: int | None, process_count: int | None):
     """(BatchSpec, prepared builder); the layout is checked first, so bad sizes fail fast."""
     import jax

@@ -152,10 +152,10 @@ def setup(
 
     ``needs_data=False`` (drawing prior samples, loading the model) never downloads the dataset
     (it is used when prepared, or preparable from ``config.data.manual_dir``) and accepts one
-    that cannot be had: then ``Setup.info`` is None, the image shape is ``config.data.image_size``
-    (or ``center_crop``) with the checkpoint's channel count, and the optimizer's schedule
-    length is a placeholder (nothing trains). Without either field the dataset's error is
-    raised as usual.
+    that cannot be had: then ``Setup.info`` is None, the image shape comes from
+    tensorflow-datasets' description of the dataset (no data needed) and the optimizer's
+    schedule length is a placeholder (nothing trains). Only a dataset whose images vary in size
+    still needs its data (the dataset's error is raised as usual).
     """
     compilation_cache.enable()  # before anything compiles: a second start loads its programs
     workdir = Path(workdir)
@@ -210,7 +210,7 @@ def setup(
             f"(python train.py --config <config> --workdir {workdir})."
         )
     if info is None:
-        image_shape = _image_shape_without_data(config, manager, latest, missing)
+        image_shape = _image_shape_without_data(config, missing)
         num_train = 0  # the schedule's length is not needed to draw samples
     else:
         image_shape, num_train = tuple(info.image_shape), info.num_train
@@ -228,30 +228,25 @@ def setup(
 
 
 def _image_shape_without_data(
-    config: ml_collections.ConfigDict,
-    manager: Any,
-    step: int | None,
-    missing: input_pipeline.DatasetNotFoundError,
+    config: ml_collections.ConfigDict, missing: input_pipeline.DatasetNotFoundError
 ) -> tuple[int, int, int]:
-    """``(H, W, C)`` of a trained model whose dataset is not here: the side from the config
-    (``data.image_size``, else ``data.center_crop``), the channels from the checkpoint's first
-    encoder convolution. Raises ``missing`` when the config does not fix the side."""
-    side = config.data.image_size or config.data.center_crop
-    if not side or step is None:
-        raise missing
+    """``(H, W, C)`` of a model whose dataset is not here: from tensorflow-datasets' description
+    of the dataset (its code, no data) with the config's crop and resize; the checkpoint is then
+    checked against it as always. Raises ``missing`` for a dataset whose images vary in size."""
     try:
-        kernel = manager.item_metadata(step)["state"]["params"]["encoder"]["conv_0"]["kernel"]
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        raise checkpointing.corrupt_error(manager, step, e) from e
+        shape = input_pipeline.catalog_image_shape(config.data)
+    except ValueError:
+        raise missing from None
     if jax.process_index() == 0:
         print(
             f"note: {config.data.name} is not available here ("
             f"{str(missing).splitlines()[0]}); going on without it: the image shape comes "
-            "from the config and the checkpoint, and there are no reconstructions.",
+            f"from tensorflow-datasets' description of {config.data.name}, and there are no "
+            "reconstructions.",
             file=sys.stderr,
             flush=True,
         )
-    return (side, side, int(kernel.shape[2]))
+    return shape
 
 
 def check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:

@@ -292,6 +292,36 @@ def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(fu
     assert snapshot(workdir) == before  # reading a run changes nothing
 
 
+def test_sampling_needs_no_dataset(full_run, mock, monkeypatch, tmp_path, capsys):
+    """A copied workdir on a machine without its dataset (not prepared, no manual_dir, no
+    network): sampling draws the run's prior samples anyway, the image shape from
+    tensorflow-datasets' description of the dataset (no request made); the grid is the one the
+    run drew at that step, and nothing else in the workdir changes."""
+    import requests
+    import tensorflow_datasets as tfds
+
+    workdir, _ = full_run
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
+    urls = []
+
+    def request(self, method, url, *args, **kwargs):
+        urls.append(url)
+        raise requests.ConnectionError("offline")
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    config = tiny_config()
+    config.data.data_dir = str(tmp_path / "no_data_here")
+    before = snapshot(workdir)
+    paths = inference.sample_workdir(config, workdir)
+    assert [p.name for p in paths] == ["samples_step00000004.png"] and urls == []
+    assert "going on without it" in capsys.readouterr().err
+    assert paths[0].read_bytes() == (workdir / "images" / paths[0].name).read_bytes()
+    after = snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != "samples/samples_step00000004.png"} == {
+        k: v for k, v in before.items() if k != "samples/samples_step00000004.png"
+    }
+
+
 @pytest.mark.parametrize(("first", "second"), [("float32", "bfloat16"), ("bfloat16", "float32")])
 def test_run_resumes_in_the_other_compute_dtype(mock, tmp_path, first, second):
     """``config.model.dtype`` is compute-only (parameters, BatchNorm statistics and optimizer
