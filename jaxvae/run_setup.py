@@ -235,7 +235,9 @@ def _image_shape_without_data(
     checked against it as always. Raises ``missing`` for a dataset whose images vary in size."""
     try:
         shape = input_pipeline.catalog_image_shape(config.data)
-    except ValueError:
+    except input_pipeline.DataConfigError:  # a crop that does not fit: say so, not "missing"
+        raise
+    except ValueError:  # images of varying size: only the data say which
         raise missing from None
     if jax.process_index() == 0:
         print(

@@ -499,6 +499,22 @@ def test_no_download_when_the_caller_forbids_it(tmp_path, monkeypatch):
     assert requested == []
 
 
+def test_catalog_image_shape_needs_no_data(tmp_path, monkeypatch):
+    """The image shape from tfds's description of a dataset alone (sampling a trained model
+    where its data are not): no request, nothing written, the config's crop and resize
+    applied, and a crop that does not fit refused as in training."""
+    requested = no_network(monkeypatch, "no network here")
+    data_dir = tmp_path / "tfds"
+    shape = input_pipeline.catalog_image_shape
+    assert shape(data_config(name="mnist", data_dir=str(data_dir))) == (28, 28, 1)
+    assert shape(data_config(name="cifar10", data_dir=str(data_dir))) == (32, 32, 3)
+    celeba = data_config(name="celeb_a", data_dir=str(data_dir), center_crop=148, image_size=64)
+    assert shape(celeba) == (64, 64, 3)
+    with pytest.raises(tf_support.DataConfigError, match="center_crop=40"):
+        shape(data_config(name="mnist", data_dir=str(data_dir), center_crop=40))
+    assert requested == [] and not data_dir.exists()
+
+
 def test_manual_dir_with_corrupt_file_names_it(tmp_path):
     manual = tmp_path / "m"
     manual.mkdir()
