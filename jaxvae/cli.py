@@ -173,9 +173,13 @@ def resolve_config(
 class _DropNoise(logging.logging.Filter):
     """Hides orbax's own log records: warnings about what we do on purpose (metric-less saves,
     read-only reads) and the tracebacks of its background threads when a save fails. Every
-    orbax failure reaches the program as an exception, reported as one ``error:`` line."""
+    orbax failure reaches the program as an exception, reported as one ``error:`` line. Also
+    tensorflow-datasets' "Variant folder <data_dir>/<name>/<version> has no dataset_info.json":
+    the dataset is not prepared there, which jaxvae then prepares, or reports in its own words."""
 
     def filter(self, record) -> bool:
+        if "tensorflow_datasets" in record.pathname:
+            return not str(record.msg).startswith("Variant folder")
         return "orbax" not in record.pathname
 
 

@@ -96,3 +96,30 @@ def test_a_config_file_that_cannot_be_used(capsys, tmp_path, train_py, content, 
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
     assert repr(str(path)) in err and words in err, err
     assert not wd.exists()
+
+
+def test_quiet_logging_keeps_warnings_but_not_the_unprepared_dataset_notice(tmp_path):
+    """train.py's logging: tensorflow-datasets' "Variant folder ... has no dataset_info.json"
+    (a dataset not prepared there, which jaxvae prepares or reports in its own words) is
+    dropped; other warnings are kept."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from jaxvae import cli
+    from jaxvae.data import tf_support
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    absl_logger = absl_logging.get_absl_logger()
+    absl_logger.addHandler(handler)
+    try:
+        cli.quiet_logging()
+        tfds = tf_support.import_tfds()
+        (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)  # a folder without the dataset
+        assert not tfds.builder("mnist", data_dir=str(tmp_path)).is_prepared()
+        absl_logging.warning("a warning of the program's own")
+    finally:
+        absl_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["a warning of the program's own"]
