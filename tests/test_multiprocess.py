@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "multiprocess_launcher.py"
 NUM_EXAMPLES = 40
 HEARTBEAT_S = 10  # --heartbeat_timeout of the run whose process is killed (others: default)
-STEPS = 6  # of the two-process runs; the one-process reference stops at 4 (configs/tiny.py)
+STEPS = 6  # of the two-process runs
+ONE_PROCESS_STEPS = 4  # the one-process runs: configs/tiny.py's (checked in `reference`)
 # Two-process runs: checkpoints at 2, 4 and 6 (all kept), evaluations at 4 and 6.
 TWO_PROCESS_ARGS = (f"--config.num_train_steps={STEPS}", "--config.keep_checkpoints=3")
 SIGNAL_STEP = 1  # the step after which a process receives SIGTERM
@@ -162,6 +163,8 @@ def reference(tmp_path_factory, zygote) -> Iterator[Run]:
 
     Started, not awaited: it runs alongside ``two_processes`` (call ``.wait()`` before use).
     """
+    tiny = config_utils.load_config_file(ROOT / "configs" / "tiny.py")
+    assert tiny.num_train_steps == ONE_PROCESS_STEPS
     run = Run(tmp_path_factory.mktemp("one") / "wd", zygote, processes=1)
     yield run
     run.kill()
@@ -245,15 +248,15 @@ def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory,
     text = run.log(0)
     assert codes == [128 + signal.SIGTERM], text[-3000:]
     assert "SIGTERM: stopping after the current step" in text
-    assert _stopped_step(text, 4) == SIGNAL_STEP
+    assert _stopped_step(text, ONE_PROCESS_STEPS) == SIGNAL_STEP
     assert _checkpoints(workdir) == [SIGNAL_STEP]
     assert not (workdir / "results.json").exists()
     assert not (workdir / "jaxvae.lock").exists()  # the workdir is free for the rerun
 
     rerun = Run(workdir, zygote, processes=1).wait()  # the same command again
     assert f"Resumed from {workdir / 'checkpoints'} at step {SIGNAL_STEP}" in rerun.log(0)
-    got, _ = load_checkpoint(workdir, 4)
-    want, _ = load_checkpoint(reference.wait().workdir, 4)
+    got, _ = load_checkpoint(workdir, ONE_PROCESS_STEPS)
+    want, _ = load_checkpoint(reference.wait().workdir, ONE_PROCESS_STEPS)
     jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU
 
 
