@@ -63,6 +63,21 @@ def mock_data(**options) -> Iterator[None]:
         yield
 
 
+def no_network(monkeypatch, why: str) -> list[str]:
+    """Every HTTP request (tfds downloads with ``requests``) fails with ``why``; returns the
+    list the requested URLs are appended to."""
+    import requests  # noqa: PLC0415
+
+    urls = []
+
+    def request(self, method, url, *args, **kwargs):
+        urls.append(url)
+        raise requests.ConnectionError(why)
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    return urls
+
+
 def confine_mock_fs_to_its_thread() -> None:
     """Makes tfds's mock file system redirect only the thread that entered it.
 

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 import pytest
-from multiprocess_launcher import mock_data
+from multiprocess_launcher import mock_data, no_network
 
 from jaxvae import config_utils, input_pipeline
 from jaxvae.data import memory, prepare, tf_support, transforms
@@ -62,20 +62,6 @@ def train_iter(images, global_batch, seed, pi=0, pc=1, **pixels):
 
 def eval_batches(images, batch, pi=0, pc=1, **pixels):
     return memory.eval_batches(images, transforms.BatchSpec(batch, pi, pc, **pixels))
-
-
-def no_network(monkeypatch, why: str) -> list:
-    """Every HTTP request (tfds downloads with `requests`) fails; returns the requested URLs."""
-    import requests
-
-    urls = []
-
-    def request(self, method, url, *args, **kwargs):
-        urls.append(url)
-        raise requests.ConnectionError(why)
-
-    monkeypatch.setattr(requests.Session, "request", request)
-    return urls
 
 
 # --- in-memory NumPy pipeline ------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from multiprocess_launcher import mock_data
+from multiprocess_launcher import mock_data, no_network
 
 from jaxvae import checkpointing, config_utils, inference, optim, run_setup, train_lib, train_state
 
@@ -297,18 +297,11 @@ def test_sampling_needs_no_dataset(full_run, mock, monkeypatch, tmp_path, capsys
     network): sampling draws the run's prior samples anyway, the image shape from
     tensorflow-datasets' description of the dataset (no request made); the grid is the one the
     run drew at that step, and nothing else in the workdir changes."""
-    import requests
     import tensorflow_datasets as tfds
 
     workdir, _ = full_run
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
-    urls = []
-
-    def request(self, method, url, *args, **kwargs):
-        urls.append(url)
-        raise requests.ConnectionError("offline")
-
-    monkeypatch.setattr(requests.Session, "request", request)
+    urls = no_network(monkeypatch, "offline")
     config = tiny_config()
     config.data.data_dir = str(tmp_path / "no_data_here")
     before = snapshot(workdir)
