@@ -16,6 +16,9 @@ that no run pays the interpreter's start-up and ~6 CPU-s of imports (TensorFlow,
 orbax) again. A forked run is a real process (its own pid, signals, exit code, log) that goes
 on exactly as a started one from :func:`main`; JAX and TensorFlow have only been imported, not
 initialised, before the fork. (``ps`` shows the runs with the zygote's command line.)
+
+The in-process tests use its tfds helpers too (:func:`mock_data`, :func:`no_network`), so that
+they and the forked runs see datasets the same way.
 """
 
 from __future__ import annotations
