@@ -537,8 +537,9 @@ def _amat_manual_dir(path, counts, real_url_infos):
     return url_infos
 
 
-def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monkeypatch):
-    """Full tfds path with no network: registered checksums replaced by the synthetic files'."""
+def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monkeypatch, capsys):
+    """Full tfds path with no network: registered checksums replaced by the synthetic files'.
+    What it prints says so: tfds's "Downloading and preparing dataset" notes are replaced."""
     no_network(monkeypatch, "preparing from manual_dir must not download")
     builder_cls = type(tf_support.import_tfds().builder("binarized_mnist", data_dir=str(tmp_path)))
     counts = {"train": 12, "valid": 5, "test": 7}
@@ -559,8 +560,14 @@ def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monke
     # Matching checksums: prepared from manual_dir, offline, and read back exactly.
     monkeypatch.setattr(builder_cls, "url_infos", url_infos)
     cfg["data_dir"] = str(tmp_path / "d2")
+    capsys.readouterr()
     info = input_pipeline.get_dataset_info(cfg)
     assert (info.num_train, info.num_eval, info.image_shape) == (12, 7, (28, 28, 1))
+    out = capsys.readouterr().out
+    prepared = tmp_path / "d2" / "binarized_mnist" / "1.0.0"
+    assert out.startswith(f"Preparing binarized_mnist in {prepared} from the files in ") and (
+        out.endswith("Prepared binarized_mnist.\n") and "ownload" not in out
+    ), out
     x = next(input_pipeline.create_eval_batches(cfg, 8, process_index=0, process_count=1))
     want = np.random.default_rng(2).integers(0, 2, (7, 784))  # the test file's rows
     rows = lambda a: sorted(map(tuple, a.reshape(len(a), 784).astype(int).tolist()))

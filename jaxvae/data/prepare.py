@@ -15,11 +15,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gzip
+import io
 import os
 import struct
+import sys
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from jaxvae import paths
@@ -125,6 +129,31 @@ def _unknown_dataset(tfds: Any, name: str, cause: BaseException) -> DataConfigEr
     )
 
 
+@contextlib.contextmanager
+def _local_preparation_notes(name: str, manual_dir: str, dataset_dir: str) -> Iterator[None]:
+    """tfds announces every preparation as "Downloading and preparing dataset Unknown size
+    ..." and "Dataset <name> downloaded and prepared to ...": from ``manual_dir`` nothing is
+    downloaded, so jaxvae says what happens instead. Anything else tfds prints on stdout is
+    passed on (after the preparation)."""
+    print(
+        f"Preparing {name} in {dataset_dir} from the files in {manual_dir} (once: later runs "
+        "read it there)...",
+        flush=True,
+    )
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines(keepends=True):
+            if (
+                "Downloading and preparing dataset" not in line
+                and " downloaded and prepared " not in line
+            ):
+                sys.stdout.write(line)
+    print(f"Prepared {name}.", flush=True)
+
+
 def prepared_builder(
     name: str, data_dir: str | None, manual_dir: str | None, *, download: bool = True
 ) -> Any:
@@ -160,8 +189,14 @@ def prepared_builder(
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     tfds.disable_progress_bar()  # tfds still prints what it downloads and prepares
     downloader.MAX_RETRIES = 0  # for good: a download thread still running must not retry
+    notes = (
+        _local_preparation_notes(name, manual_dir, builder.data_dir)
+        if manual_dir
+        else contextlib.nullcontext()
+    )
     try:
-        builder.download_and_prepare(download_config=config)
+        with notes:
+            builder.download_and_prepare(download_config=config)
     except download_manager.NonMatchingChecksumError as e:  # its message names the file
         raise CorruptDatasetFileError(
             f"preparing {name} {how} failed: a file's size or SHA-256 differs from tfds's "
