@@ -189,9 +189,9 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> 
     try:
         meta = manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        raise corrupt_error(manager, step, e) from e
+        raise _corrupt_error(manager, step, e) from e
     if meta is None:
-        raise corrupt_error(manager, step, "no state metadata")
+        raise _corrupt_error(manager, step, "no state metadata")
     saved, wanted = _shapes(meta), _shapes(target)
     # orbax stores a TrainState dataclass as a dict: compare on the leaf paths' last parts.
     saved = {_norm(k): v for k, v in saved.items()}
@@ -218,7 +218,8 @@ def _norm(path: str) -> str:
     return "/".join(p for p in path.split("/") if p)
 
 
-def corrupt_error(manager: ocp.CheckpointManager, step: int, cause: Any) -> CheckpointError:
+def _corrupt_error(manager: ocp.CheckpointManager, step: int, cause: Any) -> CheckpointError:
+    """The one message for a checkpoint that cannot be read (metadata or arrays)."""
     path = Path(manager.directory) / str(step)
     return CheckpointError(
         f"Checkpoint {path} could not be read ({cause}). It is probably incomplete or corrupt "
@@ -241,7 +242,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
             ),
         )
     except Exception as e:  # noqa: BLE001 - report any read failure the same, actionable way
-        raise corrupt_error(manager, step, f"{type(e).__name__}: {e}") from e
+        raise _corrupt_error(manager, step, f"{type(e).__name__}: {e}") from e
     return restored["state"], restored["data_iter"]
 
 
@@ -284,7 +285,6 @@ __all__ = [
     "CheckpointWriteError",
     "check_compatible",
     "close",
-    "corrupt_error",
     "create_manager",
     "restore",
     "save",
