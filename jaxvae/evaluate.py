@@ -190,6 +190,10 @@ def abstract_variables(model: models.VAE) -> Any:
     )
 
 
+class EvaluationStopped(Exception):
+    """:func:`evaluate` was asked to stop (a signal during training); it has no result."""
+
+
 def evaluate(
     eval_step: Callable,
     variables: Any,
@@ -198,6 +202,7 @@ def evaluate(
     key: jax.Array,
     num_dims: int,
     progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Means over every real example of ``batches`` (this process's rows of each global batch).
 
@@ -209,11 +214,17 @@ def evaluate(
     ``progress(examples_done, seconds)``, when given, is called after each batch with the
     number of real examples evaluated so far (by all processes); it waits for that batch's
     result, which costs nothing next to a batch of an IWAE evaluation.
+
+    ``should_stop()``, when given, is asked before every batch but the first (in every
+    process: the same number of calls); when it says so the evaluation is abandoned with
+    :class:`EvaluationStopped`.
     """
     partial = []
     done = 0.0
     t0 = time.perf_counter()
     for i, batch in enumerate(batches):
+        if i and should_stop is not None and should_stop():
+            raise EvaluationStopped(f"stopped after {i} of the evaluation's batches")
         images = shard_batch(np.asarray(batch["image"], np.float32), mesh)
         mask = shard_batch(np.asarray(batch["mask"], bool), mesh)
         offset = np.int32(i * images.shape[0])  # index of the batch's first example
@@ -271,6 +282,7 @@ def make_picture_fn(
 
 __all__ = [
     "SUM_KEYS",
+    "EvaluationStopped",
     "abstract_variables",
     "decoder_bytes_per_sample",
     "evaluate",

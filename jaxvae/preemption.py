@@ -1,21 +1,22 @@
 """Stopping a training run cleanly: SIGTERM / SIGINT end it at the next step boundary.
 
 Schedulers announce a preemption with SIGTERM (TPU VMs, Kubernetes, SLURM) and a person with
-Ctrl-C (SIGINT). Either one asks the training loop to stop after the step in flight; the loop
-then saves a checkpoint of exactly that step, waits for it to be written and raises
-:class:`Preempted`, whose message says which step was saved and that rerunning the same
-command resumes. A second Ctrl-C aborts at once, without a checkpoint.
+Ctrl-C (SIGINT). Either one asks the training loop to stop after the step in flight, or, during
+an evaluation, after its batch in flight (an evaluation can take minutes, more than a
+scheduler's grace period); the loop then saves a checkpoint of exactly that step, waits for it
+to be written and raises :class:`Preempted`, whose message says which step was saved and that
+rerunning the same command resumes. A second Ctrl-C aborts at once, without a checkpoint.
 
 One process: a Python signal handler records the request and :meth:`StopSignal.reached` is
-true at the next step boundary.
+true at the next check.
 
-Several processes (``jax.distributed``): every process must stop at the *same* step, or the
-collective of the next step would wait forever for the ones that stopped. JAX's preemption
+Several processes (``jax.distributed``): every process must stop at the *same* point, or the
+collective that follows would wait forever for the ones that stopped. JAX's preemption
 service does exactly that agreement: its own handler catches SIGTERM in any process, tells
 the coordinator, and :func:`jax.experimental.multihost_utils.reached_preemption_sync_point`
-becomes true in every process at the same step (one past the largest step any process had
-reached). So no Python handler is installed for SIGTERM there, and Ctrl-C is forwarded to it
-as a SIGTERM to this process.
+becomes true in every process at the same check (one past the furthest any process had
+reached; the checks are numbered, the same in every process). So no Python handler is installed
+for SIGTERM there, and Ctrl-C is forwarded to it as a SIGTERM to this process.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def _write(text: str) -> None:
 class StopSignal:
     """Context manager: SIGTERM / SIGINT request a stop; :meth:`reached` says when to stop.
 
-    Use ``with StopSignal() as stop:`` around the training loop and call
-    ``stop.reached(step)`` after every step, in every process, with the step just completed.
+    Use ``with StopSignal() as stop:`` around the training loop and call ``stop.reached()``
+    after every training step and between evaluation batches, at the same points in every
+    process.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class StopSignal:
         self.multi_process = jax.process_count() > 1 if multi_process is None else multi_process
         self.on_abort = on_abort
         self.signum: int | None = None
+        self.checks = 0  # calls of reached(): JAX's sync point counts them
         self._previous: dict[int, object] = {}
 
     @property
@@ -84,8 +87,8 @@ class StopSignal:
         self.signum = signum
         if first:
             _write(
-                f"\n{signal.Signals(signum).name}: stopping after the current step and saving "
-                "a checkpoint (press Ctrl-C again to abort at once).\n"
+                f"\n{signal.Signals(signum).name}: stopping after the current step (or evaluation "
+                "batch) and saving a checkpoint (press Ctrl-C again to abort at once).\n"
             )
         if self.multi_process and signum == signal.SIGINT:
             # Hand the request to JAX's preemption service (its handler owns SIGTERM).
@@ -104,13 +107,14 @@ class StopSignal:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def reached(self, step: int) -> bool:
-        """True when the run must stop after ``step``; the same step in every process."""
+    def reached(self) -> bool:
+        """True when the run must stop here; at the same call in every process."""
+        self.checks += 1
         if not self.multi_process:
             return self.signum is not None
         from jax.experimental import multihost_utils
 
-        if multihost_utils.reached_preemption_sync_point(step):
+        if multihost_utils.reached_preemption_sync_point(self.checks):
             self.signum = self.signum or signal.SIGTERM
             return True
         return False

@@ -38,14 +38,16 @@ class MetricsWriter:
 
     On resume from ``start_step``, lines with ``step > start_step`` (written after the restored
     checkpoint by the interrupted run) are dropped first, so the file describes one history.
+    Metrics of the step of the last line (an evaluation that a stopped run owed) join that line.
     """
 
     def __init__(self, workdir: str | Path, start_step: int = 0, tensorboard: bool = True):
         self.path = Path(workdir) / workdir_files.METRICS
+        self._kept: list[dict[str, Any]] = []  # until the first write: its last line may join
         if self.path.exists():  # a damaged file raises workdir_files.DamagedFileError
             records = workdir_files.read_jsonl(self.path)
-            kept = [r for r in records if r.get("step", 0) <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._kept = [r for r in records if r.get("step", 0) <= start_step]
+            self._rewrite()
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -55,12 +57,22 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": int(step), **{k: _to_float(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        if self._kept and self._kept[-1].get("step") == record["step"]:
+            self._kept[-1].update(record)
+            self._file.close()
+            self._rewrite()
+            self._file = self.path.open("a")
+        else:
+            self._file.write(json.dumps(record) + "\n")
+        self._kept = []
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self._kept))
 
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         if self._tb is not None:

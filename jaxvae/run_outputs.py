@@ -59,7 +59,11 @@ def eval_progress(s: Setup) -> Callable[[int, float], None]:
     return report
 
 
-def run_eval(s: Setup, eval_step, state: ts.TrainState) -> dict[str, float]:
+def run_eval(
+    s: Setup, eval_step, state: ts.TrainState, should_stop: Callable[[], bool] | None = None
+) -> dict[str, float]:
+    """:func:`jaxvae.evaluate.evaluate` of ``state`` on the eval split (``should_stop``: see
+    there)."""
     batches = input_pipeline.create_eval_batches(s.config.data, eval_batch_size(s))
     num_dims = math.prod(s.info.image_shape)
     return evaluate.evaluate(
@@ -70,6 +74,7 @@ def run_eval(s: Setup, eval_step, state: ts.TrainState) -> dict[str, float]:
         eval_key(s.config),
         num_dims,
         progress=eval_progress(s),
+        should_stop=should_stop,
     )
 
 

@@ -34,6 +34,7 @@ from jaxvae import (
     run_setup,
     workdir_lock,
 )
+from jaxvae.evaluate import EvaluationStopped
 from jaxvae.mesh import shard_batch
 from jaxvae.run_outputs import as_test_metrics, finite, run_eval, save_images
 from jaxvae.run_setup import Setup
@@ -148,20 +149,49 @@ def _train(
     pending: list[dict[str, jax.Array]] = []
     window_start = start_step
     saved_step = latest  # the newest checkpoint known to hold finite values
+    eval_stopped = False  # a signal came before the evaluation of the last step saved ended
     stop = preemption.StopSignal(on_abort=release_lock)
+
+    def evaluate_and_record(state: Any, done: int) -> dict[str, float] | None:
+        """Evaluates ``state`` of step ``done``, shows it, saves its pictures; None when a
+        signal stopped the evaluation."""
+        try:
+            ev = run_eval(s, eval_step, state, should_stop=stop.reached)
+        except EvaluationStopped:
+            progress.message(f"The evaluation of step {done} was stopped before its end.")
+            return None
+        _check_finite([ev], done - 1, s, saved_step, prefix="test_")
+        if is_main:
+            save_images(s, state, done, writer)
+        progress.message(
+            f"eval step {done}: neg_elbo {ev['neg_elbo']:.3f}  kl {ev['kl']:.3f}  "
+            f"nll_iwae(K={cfg.eval.iwae_samples}) {ev['nll_iwae']:.3f}  "
+            f"bits/dim {ev['bits_per_dim']:.4f}"
+        )
+        return as_test_metrics(ev)
+
     # Signals are handled until every save has been written (a second Ctrl-C aborts at once).
     with stop:
         try:
-            for step in range(start_step, num_steps):
+            if _evaluation_owed(manager, start_step, cfg, num_steps):
+                # The run that saved this step was stopped during its evaluation: do it now.
+                last_eval = evaluate_and_record(state, start_step)
+                eval_stopped = last_eval is None
+                if last_eval is not None and writer is not None:
+                    writer.write(start_step, last_eval)  # joins that step's training metrics
+            # No step when a signal stopped that evaluation again.
+            for step in range(start_step, start_step if eval_stopped else num_steps):
                 batch = next(train_iter)
                 state, metrics = train_step(state, shard_batch(batch["image"], s.mesh))
                 pending.append(metrics)
                 done = step + 1
                 progress.update(done)
                 is_last = done == num_steps
-                stopping = stop.reached(done)  # every process stops at the same step
+                stopping = stop.reached()  # every process stops at the same step
                 do_log = done % cfg.log_every_steps == 0 or is_last or stopping
-                do_eval = done % cfg.eval_every_steps == 0 or is_last
+                eval_due = done % cfg.eval_every_steps == 0 or is_last
+                eval_stopped = eval_due and stopping  # owed: the resumed run does it first
+                do_eval = eval_due and not stopping
                 do_ckpt = done % cfg.checkpoint_every_steps == 0 or is_last or stopping
                 if not (do_log or do_eval or do_ckpt):
                     continue
@@ -180,20 +210,15 @@ def _train(
                 jax.block_until_ready(state)  # finish the queued steps inside the window
                 t0 = time.perf_counter()
                 if do_eval:
-                    ev = run_eval(s, eval_step, state)
-                    _check_finite([ev], done - 1, s, saved_step, prefix="test_")
-                    last_eval = as_test_metrics(ev)
-                    record.update(last_eval)
-                    if is_main:
-                        save_images(s, state, done, writer)
-                    progress.message(
-                        f"eval step {done}: neg_elbo {ev['neg_elbo']:.3f}  kl {ev['kl']:.3f}  "
-                        f"nll_iwae(K={cfg.eval.iwae_samples}) {ev['nll_iwae']:.3f}  "
-                        f"bits/dim {ev['bits_per_dim']:.4f}"
-                    )
+                    ev = evaluate_and_record(state, done)
+                    if ev is None:  # stopped: save this step without its evaluation
+                        eval_stopped, stopping, do_eval, do_ckpt = True, True, False, True
+                    else:
+                        last_eval = ev
+                        record.update(last_eval)
                 if record and writer is not None:
                     writer.write(done, record)
-                if is_last:
+                if is_last and not eval_stopped:
                     # Before the last save, so a checkpoint that cannot be written loses no
                     # result.
                     results = _results(s, done, last_eval, timer)
@@ -214,19 +239,37 @@ def _train(
             checkpointing.close(manager)  # waits for asynchronous saves; raises if one failed
 
     final_step = int(jax.device_get(state.step))
-    if stop.requested and final_step < num_steps:
+    if stop.requested and (final_step < num_steps or eval_stopped):
         raise preemption.Preempted(
             f"Stopped by {stop.signal_name} at step {final_step} of {num_steps}: checkpoint "
-            f"saved in {workdir / 'checkpoints' / str(final_step)}. Run the same command "
-            "again to resume from there.",
+            f"saved in {workdir / 'checkpoints' / str(final_step)}. "
+            + (
+                "Its evaluation is still to do: it runs first when you run"
+                if eval_stopped
+                else "Run"
+            )
+            + " the same command again to resume from there.",
             stop.exit_code,
         )
+    if results is None and last_eval is not None:  # only the owed evaluation was left
+        results = _results(s, final_step, last_eval, timer)
+        if is_main:
+            reporting.write_json(workdir / "results.json", finite(results))
     if results is None:  # nothing left to train: evaluate what was restored
         last_eval = as_test_metrics(run_eval(s, eval_step, state))
         results = _results(s, final_step, last_eval, timer)
         if is_main:
             reporting.write_json(workdir / "results.json", finite(results))
     return results
+
+
+def _evaluation_owed(
+    manager: Any, step: int, cfg: ml_collections.ConfigDict, num_steps: int
+) -> bool:
+    """The checkpoint of ``step`` was saved by a run stopped during that step's evaluation:
+    an evaluation step whose checkpoint holds no metrics (every finished one does)."""
+    is_eval_step = step % cfg.eval_every_steps == 0 or step == num_steps
+    return step > 0 and is_eval_step and manager.metrics(step) is None
 
 
 class TrainingDivergedError(RuntimeError):

@@ -5,9 +5,10 @@ A helper of ``tests/test_multiprocess.py``, started as a subprocess once per sim
   python tests/multiprocess_launcher.py --config configs/tiny.py --num_processes 2 ...
 
 Environment: ``JAXVAE_TEST_CPU_DEVICES`` (devices of this process, default 4),
-``JAXVAE_TEST_MOCK_EXAMPLES`` (mock split size, default 40), ``JAXVAE_TEST_SIGTERM_AT_STEP``
-(this process sends itself SIGTERM once that step is done: a scheduler's preemption notice at
-a known step, without polling the log). Every process generates the same mock examples (tfds
+``JAXVAE_TEST_MOCK_EXAMPLES`` (mock split size, default 40), ``JAXVAE_TEST_SIGTERM_AT_CHECK``
+(this process sends itself SIGTERM before the training loop's N-th stop check, see
+:func:`sigterm_at_check`: a scheduler's preemption notice at a known point, without polling
+the log). Every process generates the same mock examples (tfds
 seeds them by index), so all processes see identical data.
 
 ``python tests/multiprocess_launcher.py --serve`` is the tests' zygote (:class:`Zygote` starts
@@ -143,21 +144,22 @@ def hold_workdir_lock(workdir: Path) -> subprocess.Popen:
     return proc
 
 
-def sigterm_after_step(step: int) -> None:
-    """Makes this process send itself SIGTERM right after training step ``step``.
+def sigterm_at_check(check: int) -> None:
+    """Makes this process send itself SIGTERM right before the loop's ``check``-th call of
+    :meth:`jaxvae.preemption.StopSignal.reached`: after training step ``check`` when no
+    evaluation came before (an evaluation asks before each of its batches but the first).
 
     The signal goes through the real path (the installed handler, or JAX's preemption notifier
-    in a multi-process run); only its timing is fixed: just before the loop asks
-    :meth:`jaxvae.preemption.StopSignal.reached` about that step.
+    in a multi-process run); only its timing is fixed.
     """
     from jaxvae import preemption  # noqa: PLC0415
 
     reached = preemption.StopSignal.reached
 
-    def signalling_reached(self, done: int) -> bool:
-        if done == step:
+    def signalling_reached(self) -> bool:
+        if self.checks + 1 == check:
             os.kill(os.getpid(), signal.SIGTERM)
-        return reached(self, done)
+        return reached(self)
 
     preemption.StopSignal.reached = signalling_reached
 
@@ -397,8 +399,8 @@ def main() -> None:
 
     jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAXVAE_TEST_CPU_DEVICES", "4")))
     sys.path.insert(0, str(ROOT))
-    if "JAXVAE_TEST_SIGTERM_AT_STEP" in os.environ:
-        sigterm_after_step(int(os.environ["JAXVAE_TEST_SIGTERM_AT_STEP"]))
+    if "JAXVAE_TEST_SIGTERM_AT_CHECK" in os.environ:
+        sigterm_at_check(int(os.environ["JAXVAE_TEST_SIGTERM_AT_CHECK"]))
     confine_mock_fs_to_its_thread()
     collect_less()
     num_examples = int(os.environ.get("JAXVAE_TEST_MOCK_EXAMPLES", "40"))

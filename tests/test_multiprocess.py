@@ -49,8 +49,8 @@ STEPS = 6  # of the two-process runs
 ONE_PROCESS_STEPS = 4  # the one-process runs: configs/tiny.py's (checked in `reference`)
 # Two-process runs: checkpoints at 2, 4 and 6 (all kept), evaluations at 4 and 6.
 TWO_PROCESS_ARGS = (f"--config.num_train_steps={STEPS}", "--config.keep_checkpoints=3")
-SIGNAL_STEP = 1  # the step after which a process receives SIGTERM
-SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_STEP": str(SIGNAL_STEP)}
+SIGNAL_STEP = 1  # the step after which a process receives SIGTERM (no evaluation before it)
+SIGTERM = {"JAXVAE_TEST_SIGTERM_AT_CHECK": str(SIGNAL_STEP)}
 STOPPED = re.compile(
     r"Stopped by (\S+(?: \S+)*) at step (\d+) of (\d+): checkpoint saved in (\S+)\."
 )
@@ -258,6 +258,58 @@ def test_sigterm_saves_the_step_and_resumes_exactly(reference, tmp_path_factory,
     got, _ = load_checkpoint(workdir, ONE_PROCESS_STEPS)
     want, _ = load_checkpoint(reference.wait().workdir, ONE_PROCESS_STEPS)
     jax.tree.map(np.testing.assert_array_equal, got, want)  # bit-identical on CPU
+
+
+def test_sigterm_during_the_last_evaluation_saves_the_step_and_resumes_with_it(
+    reference, tmp_path_factory, zygote
+):
+    """One process, SIGTERM during the evaluation of the last step (after the first of its 5
+    batches): the run stops there, not after the whole evaluation (which can outlast a
+    scheduler's grace period), with exit code 143 and a checkpoint of that step without
+    metrics, and no results.json. The same command again runs that evaluation first and ends
+    as the uninterrupted ``reference``: one metrics line per step, step 4's with its
+    evaluation, its pictures, results.json, the same parameters."""
+    workdir = tmp_path_factory.mktemp("sigterm_eval") / "wd"
+    args = ("--config.eval.batch_size=8",)  # 40 examples: 5 batches, checks 5 to 8
+    check = ONE_PROCESS_STEPS + 1  # before the evaluation's second batch
+    sigterm = {"JAXVAE_TEST_SIGTERM_AT_CHECK": str(check)}
+    run = Run(workdir, zygote, *args, processes=1, own_env={0: sigterm})
+    codes = _exit_codes(run)
+    text = run.log(0)
+    assert codes == [128 + signal.SIGTERM], text[-3000:]
+    assert "The evaluation of step 4 was stopped before its end." in text
+    assert "eval step 4:" not in text and "Traceback" not in text
+    match = STOPPED.search(text)
+    assert match and match.groups()[1:3] == ("4", "4"), text[-3000:]
+    assert "Its evaluation is still to do: it runs first when you run the same command again" in (
+        text
+    )
+    assert _checkpoints(workdir) == [2, 4]
+    manager = checkpointing.create_manager(workdir / "checkpoints", 3, read_only=True)
+    try:
+        assert manager.metrics(4) is None and manager.best_step() is None
+    finally:
+        manager.close()
+    assert not (workdir / "results.json").exists() and not (workdir / "images").exists()
+    assert not any(k.startswith("test_") for k in metrics(workdir)[4])
+
+    rerun = Run(workdir, zygote, *args, processes=1).wait()  # the same command again
+    assert "eval step 4:" in rerun.log(0)
+    want_dir = reference.wait().workdir
+    got, want = metrics(workdir), metrics(want_dir)
+    assert list(got) == list(want) == [2, 4]
+    assert got[4].keys() == want[4].keys()
+    for key in ("train_loss", "test_neg_elbo", "test_nll_iwae"):
+        np.testing.assert_allclose(got[4][key], want[4][key], rtol=1e-5)
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["step"] == 4
+    np.testing.assert_allclose(results["test_neg_elbo"], want[4]["test_neg_elbo"], rtol=1e-5)
+    assert len(list((workdir / "images").glob("*_step00000004.png"))) == 3
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        load_checkpoint(workdir, 4)[0],
+        load_checkpoint(want_dir, 4)[0],
+    )
 
 
 def test_two_processes_stop_at_the_same_step(two_processes, tmp_path_factory, zygote):

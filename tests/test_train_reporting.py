@@ -43,6 +43,27 @@ def test_metrics_jsonl_drops_lines_after_the_restored_step(tmp_path):
     assert [(r["step"], r["train_loss"]) for r in lines] == [(10, 10.0), (20, 20.0), (30, 0.5)]
 
 
+def test_metrics_jsonl_joins_an_owed_evaluation_to_the_restored_step(tmp_path):
+    """A run stopped during step 20's evaluation wrote step 20's training metrics only; the
+    resumed run's evaluation of step 20 joins that line, later lines are appended."""
+    w = reporting.MetricsWriter(tmp_path, tensorboard=False)
+    for step in (10, 20):
+        w.write(step, {"train_loss": float(step)})
+    w.close()
+    w = reporting.MetricsWriter(tmp_path, start_step=20, tensorboard=False)
+    w.write(20, {"test_neg_elbo": 7.0})
+    w.write(30, {"train_loss": 0.5})
+    w.write(30, {"test_neg_elbo": 6.0})  # not a resume: a line of its own
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"step": 10, "train_loss": 10.0},
+        {"step": 20, "train_loss": 20.0, "test_neg_elbo": 7.0},
+        {"step": 30, "train_loss": 0.5},
+        {"step": 30, "test_neg_elbo": 6.0},
+    ]
+
+
 def test_image_grid_layout_and_png(tmp_path):
     images = np.zeros((5, 2, 3, 1), np.float32)
     images[1] = 1.0
