@@ -175,7 +175,9 @@ def _train(
         try:
             if _evaluation_owed(manager, start_step, cfg, num_steps):
                 # The run that saved this step was stopped during its evaluation: do it now.
+                t0 = time.perf_counter()
                 last_eval = evaluate_and_record(state, start_step)
+                timer.exclude(time.perf_counter() - t0)  # not in the first window's images/s
                 eval_stopped = last_eval is None
                 if last_eval is not None and writer is not None:
                     writer.write(start_step, last_eval)  # joins that step's training metrics
@@ -251,12 +253,9 @@ def _train(
             + " the same command again to resume from there.",
             stop.exit_code,
         )
-    if results is None and last_eval is not None:  # only the owed evaluation was left
-        results = _results(s, final_step, last_eval, timer)
-        if is_main:
-            reporting.write_json(workdir / "results.json", finite(results))
-    if results is None:  # nothing left to train: evaluate what was restored
-        last_eval = as_test_metrics(run_eval(s, eval_step, state))
+    if results is None:  # nothing left to train: evaluate what was restored (unless owed)
+        if last_eval is None:
+            last_eval = as_test_metrics(run_eval(s, eval_step, state))
         results = _results(s, final_step, last_eval, timer)
         if is_main:
             reporting.write_json(workdir / "results.json", finite(results))
