@@ -228,7 +228,9 @@ def _exit_codes(run: Run) -> list[int]:
 def _stopped_step(log: str, steps: int) -> int:
     match = STOPPED.search(log)
     assert match, log[-3000:]
-    assert "Run the same command again to resume" in log and "Traceback" not in log
+    # "Run the same command ...", or "Its evaluation is still to do: it runs first when you run
+    # the same command ..." when the stop came at an evaluation step.
+    assert "the same command again to resume from there." in log and "Traceback" not in log
     assert int(match.group(3)) == steps
     return int(match.group(2))
 
