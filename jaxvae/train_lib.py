@@ -191,7 +191,7 @@ def _train(
                 is_last = done == num_steps
                 stopping = stop.reached()  # every process stops at the same step
                 do_log = done % cfg.log_every_steps == 0 or is_last or stopping
-                eval_due = done % cfg.eval_every_steps == 0 or is_last
+                eval_due = _is_eval_step(done, cfg, num_steps)
                 eval_stopped = eval_due and stopping  # owed: the resumed run does it first
                 do_eval = eval_due and not stopping
                 do_ckpt = done % cfg.checkpoint_every_steps == 0 or is_last or stopping
@@ -262,13 +262,17 @@ def _train(
     return results
 
 
+def _is_eval_step(step: int, cfg: ml_collections.ConfigDict, num_steps: int) -> bool:
+    """Every ``eval_every_steps`` steps, and the last step."""
+    return step % cfg.eval_every_steps == 0 or step == num_steps
+
+
 def _evaluation_owed(
     manager: Any, step: int, cfg: ml_collections.ConfigDict, num_steps: int
 ) -> bool:
     """The checkpoint of ``step`` was saved by a run stopped during that step's evaluation:
     an evaluation step whose checkpoint holds no metrics (every finished one does)."""
-    is_eval_step = step % cfg.eval_every_steps == 0 or step == num_steps
-    return step > 0 and is_eval_step and manager.metrics(step) is None
+    return step > 0 and _is_eval_step(step, cfg, num_steps) and manager.metrics(step) is None
 
 
 class TrainingDivergedError(RuntimeError):
