@@ -54,6 +54,7 @@ The examples in the docstrings run as doctests (``python -m pytest -q``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
@@ -121,6 +122,12 @@ def _sum_last(x: Array, ndim: int) -> Array:
 
 
 def _check_num_samples(num_samples: int) -> None:
+    # A shape, so a Python int: under jit it must be a static argument, not a traced value.
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(
+            f"num_samples must be a Python int (a static argument under jit), got "
+            f"{num_samples!r} of type {type(num_samples).__name__}."
+        )
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 

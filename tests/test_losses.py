@@ -542,6 +542,14 @@ def test_iwae_bound_at_one_chunk_is_iwae_log_likelihood_with_its_noise():
         np.testing.assert_allclose(*both(key, eps, x32, m32, lv32), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=0)
+    with pytest.raises(TypeError, match="num_samples must be a Python int .*got 2.5"):
+        losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=2.5)
+    with pytest.raises(TypeError, match="a static argument under jit"):  # traced
+        jax.jit(lambda k: losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=k))(3)
+    np.testing.assert_array_equal(  # a NumPy integer is an int
+        losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=np.int64(3)),
+        losses.iwae_bound(key, dec, x32, m32, lv32, ll, num_samples=3),
+    )
 
 
 def test_iwae_log_likelihood_does_not_depend_on_its_chunking():
