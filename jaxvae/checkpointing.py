@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,12 @@ _METRICS_FILE = "metrics/metrics"  # orbax's JSON of the metrics saved with a ch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says what to do."""
+
+
+class CheckpointGoneError(CheckpointError):
+    """A checkpoint was deleted while it was being read: a training run in the same workdir
+    removes its older checkpoints as it saves new ones (``keep_checkpoints``). Reading the
+    list of checkpoints again finds the ones there now."""
 
 
 class CheckpointWriteError(CheckpointError):
@@ -189,7 +196,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> 
     try:
         meta = manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        raise _corrupt_error(manager, step, e) from e
+        raise _corrupt_error(manager, step, _root_cause(e)) from e
     if meta is None:
         raise _corrupt_error(manager, step, "no state metadata")
     saved, wanted = _shapes(meta), _shapes(target)
@@ -219,8 +226,16 @@ def _norm(path: str) -> str:
 
 
 def _corrupt_error(manager: ocp.CheckpointManager, step: int, cause: Any) -> CheckpointError:
-    """The one message for a checkpoint that cannot be read (metadata or arrays)."""
+    """The one message for a checkpoint that cannot be read (metadata or arrays), unless it
+    is no longer there: then the error says so (a folder that is gone is not corrupt, and
+    deleting another is no remedy)."""
     path = Path(manager.directory) / str(step)
+    if not path.exists():
+        return CheckpointGoneError(
+            f"Checkpoint {path} was deleted while it was being read: a run training in "
+            f"{path.parent.parent} removes its older checkpoints as it saves new ones. Run the "
+            f"command again (it reads the latest checkpoint then), or copy the workdir first."
+        )
     return CheckpointError(
         f"Checkpoint {path} could not be read ({cause}). It is probably incomplete or corrupt "
         f"(e.g. the run was killed while writing it). Delete that folder (rm -r {path}) to "
@@ -242,7 +257,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
             ),
         )
     except Exception as e:  # noqa: BLE001 - report any read failure the same, actionable way
-        raise _corrupt_error(manager, step, f"{type(e).__name__}: {e}") from e
+        raise _corrupt_error(manager, step, _root_cause(e)) from e
     return restored["state"], restored["data_iter"]
 
 
@@ -258,10 +273,12 @@ def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> Checkpo
 
 
 def _root_cause(e: BaseException) -> str:
-    """The innermost exception's ``Type: message`` (orbax wraps the OS error several times)."""
+    """The innermost exception's ``Type: message`` (orbax wraps the OS error several times),
+    its first line, without the whole TensorStore spec that TensorStore appends."""
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {e}"
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(e).split("\n", 1)[0])
+    return f"{type(e).__name__}: {text}"
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -282,6 +299,7 @@ def close(manager: ocp.CheckpointManager) -> None:
 __all__ = [
     "BEST_METRIC",
     "CheckpointError",
+    "CheckpointGoneError",
     "CheckpointWriteError",
     "check_compatible",
     "close",

@@ -261,6 +261,11 @@ def main(
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # orbax's threads of the failed save would hold the exit for minutes
+    except checkpointing.CheckpointError as e:
+        # The other reads of the checkpoint fail too, as asyncio tasks whose exceptions asyncio
+        # would log at exit as tracebacks after this message.
+        logging.logging.getLogger("asyncio").disabled = True
+        fail(str(e))
     except USER_ERRORS as e:
         fail(str(e))
     except preemption.Preempted as e:

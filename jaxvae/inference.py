@@ -23,29 +23,46 @@ from jaxvae import checkpointing, reporting, run_outputs, run_setup, workdir_fil
 from jaxvae import train_state as ts
 from jaxvae.run_setup import Setup
 
+# Reading a workdir a run is training in: how often a checkpoint may vanish under the reader
+# (the run deletes its older ones) before it gives up.
+_READ_ATTEMPTS = 3
+
 
 def _restore_for_inference(
     config: ml_collections.ConfigDict, workdir: str | Path, which: str, needs_data: bool = True
 ) -> tuple[Setup, ts.TrainState, int]:
     """The set-up of a trained workdir and its ``latest``/``best`` checkpoint: ``(s, state,
-    step)``. The caller closes ``s.manager``."""
+    step)``. The caller closes ``s.manager``.
+
+    The workdir may be one a run is still training in: a checkpoint that run deletes while it
+    is read is replaced by the latest (best) one there then (in a single process)."""
     if which not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
     s = run_setup.setup(config, workdir, for_training=False, needs_data=needs_data)
-    step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
-    if step is None:
-        latest = s.manager.latest_step()
-        checkpointing.close(s.manager)
-        if which == "best" and latest is not None:
+    for attempt in range(_READ_ATTEMPTS):
+        step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
+        if step is None:
+            latest = s.manager.latest_step()
+            checkpointing.close(s.manager)
+            if which == "best" and latest is not None:
+                raise checkpointing.CheckpointError(
+                    f"No checkpoint in {s.workdir / 'checkpoints'} has been evaluated yet, so "
+                    f"there is no best one; use --checkpoint latest (step {latest})."
+                )
             raise checkpointing.CheckpointError(
-                f"No checkpoint in {s.workdir / 'checkpoints'} has been evaluated yet, so there "
-                f"is no best one; use --checkpoint latest (step {latest})."
+                f"No checkpoint in {s.workdir / 'checkpoints'}: train first."
             )
-        raise checkpointing.CheckpointError(
-            f"No checkpoint in {s.workdir / 'checkpoints'}: train first."
-        )
-    state, _ = checkpointing.restore(s.manager, step, s.target)
-    return s, state, step
+        try:
+            state, _ = checkpointing.restore(s.manager, step, s.target)
+            return s, state, step
+        except checkpointing.CheckpointGoneError:
+            # A run training in this workdir deleted it: take the latest (best) one of those
+            # there now. One process only: several would each have to pick the same step.
+            if attempt == _READ_ATTEMPTS - 1 or jax.process_count() > 1:
+                checkpointing.close(s.manager)
+                raise
+            s.manager.reload()
+    raise AssertionError("unreachable")
 
 
 def evaluate_workdir(

@@ -219,7 +219,13 @@ def setup(
     programs = build_programs(config, image_shape, num_train_steps, steps_per_epoch, mesh)
     target = programs.target
     if latest is not None:
-        checkpointing.check_compatible(manager, latest, target)
+        try:
+            checkpointing.check_compatible(manager, latest, target)
+        except checkpointing.CheckpointGoneError:
+            if for_training:
+                raise
+            # A run training in this workdir deleted it; the reader restores (and checks) the
+            # checkpoint it picks from those there then.
     if for_training and manager is not None:
         manager.close()  # training opens its own, writing manager once all checks passed
         manager = None

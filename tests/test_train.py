@@ -254,6 +254,69 @@ def test_corrupt_checkpoint_gives_actionable_error(full_run, mock, tmp_path):
         train_lib.train_and_evaluate(tiny_config(), copy)
 
 
+def test_unreadable_array_data_is_one_short_error_line(full_run, mock, tmp_path):
+    """Array data cut short (a killed copy, a full disk) but metadata intact: the error names
+    the folder and the innermost cause in one line, not orbax's wrapped TensorStore spec."""
+    copy = tmp_path / "cut"
+    shutil.copytree(full_run[0], copy)
+    data = [f for f in (copy / "checkpoints" / "4" / "state").rglob("d/*") if f.is_file()]
+    assert data
+    for f in data:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        inference.load_trained(tiny_config(), copy)
+    message = str(e.value)
+    assert f"rm -r {copy / 'checkpoints' / '4'}" in message
+    assert "\n" not in message and "tensorstore_spec" not in message, message
+
+
+def _delete_when_checked(monkeypatch, times: int) -> list[int]:
+    """Makes the first ``times`` checkpoint checks find their checkpoint deleted, as a run
+    training in the workdir deletes its older ones; returns the steps deleted."""
+    check, deleted = checkpointing.check_compatible, []
+
+    def deleting(manager, step, target):
+        if len(deleted) < times:
+            shutil.rmtree(Path(manager.directory) / str(step), ignore_errors=True)
+            deleted.append(step)
+        return check(manager, step, target)
+
+    monkeypatch.setattr(checkpointing, "check_compatible", deleting)
+    return deleted
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_replaced_by_the_latest(
+    full_run, mock, tmp_path, monkeypatch
+):
+    """Reading a workdir a run is training in: the checkpoint chosen can vanish under the
+    reader (in set-up, or in the restore). The reader reads the list again and takes the
+    latest one there then; when they keep vanishing, one error says so (no "rm -r": a folder
+    that is gone is not corrupt)."""
+    config = tiny_config()
+    expected = tmp_path / "expected"  # what is left once 4 is deleted: checkpoint 2
+    shutil.copytree(full_run[0], expected)
+    shutil.rmtree(expected / "checkpoints" / "4")
+    _, want, _ = inference.load_trained(config, expected)
+
+    copy = tmp_path / "live"
+    shutil.copytree(full_run[0], copy)
+    deleted = _delete_when_checked(monkeypatch, times=2)  # set-up's check, then the restore's
+    _, got, step = inference.load_trained(config, copy)
+    assert deleted == [4, 4] and step == 2
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+    many = tmp_path / "many"  # checkpoints 2, 4, 6, 8; three attempts, then the error
+    shutil.copytree(full_run[0], many)
+    for step in (6, 8):
+        shutil.copytree(many / "checkpoints" / "4", many / "checkpoints" / str(step))
+    deleted = _delete_when_checked(monkeypatch, times=4)
+    with pytest.raises(checkpointing.CheckpointGoneError) as e:
+        inference.load_trained(config, many)
+    assert deleted == [8, 8, 6, 4]
+    assert f"{many / 'checkpoints' / '4'} was deleted while it was being read" in str(e.value)
+    assert "rm -r" not in str(e.value)
+
+
 def test_load_trained_gives_the_checkpoint_and_reproduces_the_reconstructions(full_run, mock):
     """load_trained -> (VAE, variables, step): the latest checkpoint's variables, and a model
     whose reconstructions of the first eval images are the run's reconstructions PNG."""
