@@ -232,9 +232,10 @@ def _corrupt_error(manager: ocp.CheckpointManager, step: int, cause: Any) -> Che
     path = Path(manager.directory) / str(step)
     if not path.exists():
         return CheckpointGoneError(
-            f"Checkpoint {path} was deleted while it was being read: a run training in "
-            f"{path.parent.parent} removes its older checkpoints as it saves new ones. Run the "
-            f"command again (it reads the latest checkpoint then), or copy the workdir first."
+            f"Checkpoint {path} was deleted while it was being read (a run training in "
+            f"{path.parent.parent} deletes its older checkpoints as it saves new ones). Run the "
+            f"command again (it picks from the checkpoints there then), or read a copy of the "
+            f"workdir."
         )
     return CheckpointError(
         f"Checkpoint {path} could not be read ({cause}). It is probably incomplete or corrupt "
