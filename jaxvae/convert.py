@@ -50,6 +50,7 @@ import argparse
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -328,8 +329,18 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     """
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        # np.load reads anything that is not a zip archive as a pickle, and refuses it with a
+        # message about pickled data: say what the file should be instead.
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} is not a .npz archive, or it is cut short; write one with "
+                "`np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})`"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path} is a damaged .npz archive ({e})") from e
     if path.suffix not in (".ckpt", ".pt", ".pth"):
         raise ValueError(f"{path}: expected a .npz, .ckpt, .pt or .pth file")
     try:

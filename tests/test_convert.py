@@ -333,6 +333,21 @@ def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_file_that_is_not_an_npz_archive_is_named(fixture, tmp_path):
+    """Text, or an archive cut short, named .npz: NumPy would read it as a pickle and speak of
+    pickled data; the error says what the file should be."""
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    whole = tmp_path / "whole.npz"
+    np.savez(whole, a=np.zeros(3))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    for path in (text, cut):
+        with pytest.raises(ValueError, match=r"not a \.npz archive, or it is cut short.*savez"):
+            convert.read_state_dict(path)
+    assert list(convert.read_state_dict(whole)) == ["a"]
+
+
 def test_torch_checkpoint_without_torch_gives_a_clear_error(tmp_path, monkeypatch):
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not read")
