@@ -229,6 +229,13 @@ def setup(
     if for_training and manager is not None:
         manager.close()  # training opens its own, writing manager once all checks passed
         manager = None
+    if for_training and latest is not None and latest > num_train_steps:
+        raise WorkdirMismatchError(
+            f"The workdir {workdir} holds a run trained to step {latest}, past this run's last "
+            f"step, {num_train_steps} (num_train_steps, or num_epochs): nothing to train. "
+            "Nothing was changed. Train it on with a larger --config.num_train_steps, evaluate "
+            "it with --mode eval, or use a fresh --workdir."
+        )
     distributed.sync_processes("jaxvae:setup")  # all inspected the workdir; none wrote yet
     return Setup(config, workdir, mesh, info, num_train_steps, programs, manager, target)
 

@@ -14,6 +14,8 @@ Workdir: ``config.json`` (resolved config), ``metrics.jsonl``, TensorBoard event
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,6 +117,17 @@ def _train(
             manager.close()
             raise
         start_step = int(jax.device_get(state.step))
+        if start_step == num_steps and not _evaluation_owed(manager, start_step, cfg, num_steps):
+            finished = _finished_results(workdir, num_steps)
+            if finished is not None:  # the same command again: nothing to train or rewrite
+                manager.close()
+                print(
+                    f"{workdir} is already trained to its last step, {num_steps}; its results "
+                    f"are in {workdir / 'results.json'} (--mode eval evaluates it again).",
+                    file=progress_stream or sys.stderr,
+                    flush=True,
+                )
+                return finished
     else:
         state = s.programs.init()
 
@@ -260,6 +273,22 @@ def _train(
         if is_main:
             reporting.write_json(workdir / "results.json", finite(results))
     return results
+
+
+def _finished_results(workdir: Path, step: int) -> dict[str, Any] | None:
+    """``results.json`` of a run that finished at ``step``, as process 0 reads it (every
+    process returns the same); None when it is missing, damaged or of another step."""
+    text = ""
+    if jax.process_index() == 0:
+        try:
+            text = (workdir / "results.json").read_text()
+            results = json.loads(text)
+            if not (isinstance(results, dict) and results.get("step") == step):
+                text = ""
+        except (OSError, ValueError):
+            text = ""
+    text = distributed.allgather_texts(text)[0]
+    return json.loads(text) if text else None
 
 
 def _is_eval_step(step: int, cfg: ml_collections.ConfigDict, num_steps: int) -> bool:

@@ -254,6 +254,23 @@ def test_corrupt_checkpoint_gives_actionable_error(full_run, mock, tmp_path):
         train_lib.train_and_evaluate(tiny_config(), copy)
 
 
+def test_the_same_command_on_a_finished_run_changes_nothing(
+    full_run, mock, train_py, capsys, tmp_path
+):
+    """Run again after the last step: no evaluation and no file rewritten (results.json keeps
+    its measured throughput); the results are printed as after the training."""
+    workdir, results = tmp_path / "again", full_run[1]
+    shutil.copytree(full_run[0], workdir)
+    before = snapshot(workdir)
+    code = train_py("--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir))
+    assert code in (0, None)
+    out, err = capsys.readouterr()
+    assert f"{workdir} is already trained to its last step, 4" in err
+    assert "eval step" not in err and json.loads(out)["step"] == 4
+    assert json.loads(out)["train_images_per_second"] == results["train_images_per_second"]
+    assert snapshot(workdir) == before
+
+
 def test_unreadable_array_data_is_one_short_error_line(full_run, mock, tmp_path):
     """Array data cut short (a killed copy, a full disk) but metadata intact: the error names
     the folder and the innermost cause in one line, not orbax's wrapped TensorStore spec."""

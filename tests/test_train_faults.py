@@ -67,6 +67,7 @@ BAD_INPUTS = [
     (["--config.batch_size=32"], ["cannot be resumed", "batch_size: 16 -> 32"]),
     (["--config.seed=-1"], ["config.seed=-1"]),
     (["--config.num_train_steps=-2"], ["config.num_train_steps=-2"]),
+    (["--config.num_train_steps=2"], ["trained to step 4", "last step, 2", "nothing to train"]),
     (["--config.num_train_steps=-1", "--config.num_epochs=0"], ["num_epochs must be > 0"]),
     (["--config.log_every_steps=0"], ["config.log_every_steps=0"]),
     (["--config.keep_checkpoints=0"], ["config.keep_checkpoints=0"]),
