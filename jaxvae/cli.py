@@ -272,7 +272,12 @@ def main(
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # outside the training loop (set-up, --mode eval|sample)
-        fail("interrupted; nothing was saved.", 130)
+        # Exit at once: the interpreter's shutdown with a computation still running on XLA's
+        # threads (Ctrl-C during an evaluation) crashed after this message (exit 139).
+        # Nothing is pending: every `finally` (the workdir's lock) has run.
+        print("error: interrupted; nothing was saved.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 __all__ = [

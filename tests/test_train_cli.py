@@ -75,6 +75,24 @@ def test_eval_mode_without_checkpoint(capsys, tmp_path, train_py):
     assert list(wd.iterdir()) == []
 
 
+def test_ctrl_c_outside_the_training_loop_exits_at_once(capsys, tmp_path, train_py, monkeypatch):
+    """Ctrl-C during ``--mode eval`` (or set-up): one line, then ``os._exit(130)``, skipping the
+    interpreter's shutdown, which crashed (exit 139) with an evaluation still running."""
+    from jaxvae import cli, inference
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def exit_now(code):
+        raise SystemExit(f"os._exit({code})")
+
+    monkeypatch.setattr(inference, "evaluate_workdir", interrupted)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={tmp_path}", "--mode=eval")
+    assert code == "os._exit(130)"
+    assert err == "error: interrupted; nothing was saved.\n"
+
+
 @pytest.mark.parametrize(
     "content, words",
     [
