@@ -39,7 +39,8 @@ def _restore_for_inference(
     if which not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
     s = run_setup.setup(config, workdir, for_training=False, needs_data=needs_data)
-    for attempt in range(_READ_ATTEMPTS):
+    attempts = _READ_ATTEMPTS
+    while True:
         step = s.manager.latest_step() if which == "latest" else s.manager.best_step()
         if step is None:
             latest = s.manager.latest_step()
@@ -58,11 +59,11 @@ def _restore_for_inference(
         except checkpointing.CheckpointGoneError:
             # A run training in this workdir deleted it: take the latest (best) one of those
             # there now. One process only: several would each have to pick the same step.
-            if attempt == _READ_ATTEMPTS - 1 or jax.process_count() > 1:
+            attempts -= 1
+            if attempts == 0 or jax.process_count() > 1:
                 checkpointing.close(s.manager)
                 raise
             s.manager.reload()
-    raise AssertionError("unreachable")
 
 
 def evaluate_workdir(

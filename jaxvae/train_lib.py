@@ -110,6 +110,17 @@ def _train(
     start_step = 0
     data_state = None
     latest = manager.latest_step()
+    if latest == num_steps and not _evaluation_owed(manager, latest, cfg, num_steps):
+        finished = _finished_results(workdir, num_steps)
+        if finished is not None:  # the same command again: nothing to restore, train or write
+            manager.close()
+            print(
+                f"{workdir} is already trained to its last step, {num_steps}; its results are "
+                f"in {workdir / 'results.json'} (--mode eval evaluates it again).",
+                file=progress_stream or sys.stderr,
+                flush=True,
+            )
+            return finished
     if latest is not None:
         try:
             state, data_state = checkpointing.restore(manager, latest, s.target)
@@ -117,17 +128,6 @@ def _train(
             manager.close()
             raise
         start_step = int(jax.device_get(state.step))
-        if start_step == num_steps and not _evaluation_owed(manager, start_step, cfg, num_steps):
-            finished = _finished_results(workdir, num_steps)
-            if finished is not None:  # the same command again: nothing to train or rewrite
-                manager.close()
-                print(
-                    f"{workdir} is already trained to its last step, {num_steps}; its results "
-                    f"are in {workdir / 'results.json'} (--mode eval evaluates it again).",
-                    file=progress_stream or sys.stderr,
-                    flush=True,
-                )
-                return finished
     else:
         state = s.programs.init()
 
