@@ -51,9 +51,14 @@ USER_ERRORS = (
 )
 
 
-def fail(message: str, status: int = 1) -> NoReturn:
-    """Prints ``error: message`` to stderr and exits with ``status``."""
+def fail(message: str, status: int = 1, *, at_once: bool = False) -> NoReturn:
+    """Prints ``error: message`` to stderr and exits with ``status``; ``at_once``: with
+    ``os._exit``, skipping the interpreter's shutdown (threads still at work would hold or
+    crash it), once stdout is flushed."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -258,9 +263,7 @@ def main(
         if jax.process_index() == 0:  # one copy of the result, not one per process
             print(out)
     except checkpointing.CheckpointWriteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # orbax's threads of the failed save would hold the exit for minutes
+        fail(str(e), at_once=True)  # orbax's threads of the failed save would hold the exit
     except checkpointing.CheckpointError as e:
         # The other reads of the checkpoint fail too, as asyncio tasks whose exceptions asyncio
         # would log at exit as tracebacks after this message.
@@ -272,12 +275,10 @@ def main(
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # outside the training loop (set-up, --mode eval|sample)
-        # Exit at once: the interpreter's shutdown with a computation still running on XLA's
+        # At once: the interpreter's shutdown with a computation still running on XLA's
         # threads (Ctrl-C during an evaluation) crashed after this message (exit 139).
         # Nothing is pending: every `finally` (the workdir's lock) has run.
-        print("error: interrupted; nothing was saved.", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)
+        fail("interrupted; nothing was saved.", 130, at_once=True)
 
 
 __all__ = [
