@@ -26,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "test_neg_elbo"
@@ -51,6 +53,33 @@ class CheckpointGoneError(CheckpointError):
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written. orbax's background threads of the failed save may
     wait minutes for signals that never come; a program should exit without joining them."""
+
+
+class _OrbaxRecords(absl_logging.logging.Filter):
+    """Drops the log records of orbax's own modules."""
+
+    def filter(self, record) -> bool:
+        return "orbax" not in record.pathname
+
+
+def hide_orbax_logs() -> None:
+    """Hides orbax's log records, for a command-line program: warnings about what jaxvae does
+    on purpose (checkpoints saved without metrics, read-only reads) and the tracebacks of
+    orbax's background threads when a save fails, also those Python reports as unraisable
+    exceptions. Every orbax failure still reaches the caller as an exception (a
+    :class:`CheckpointError`), reported there in one line."""
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _OrbaxRecords) for f in logger.filters):
+        logger.addFilter(_OrbaxRecords())
+    sys.unraisablehook = _drop_closed_loop_noise
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+    """``sys.unraisablehook``: orbax's threads of a failed save keep calling into an event loop
+    that is already closed ("Event loop is closed"); the failure itself is reported once."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
 
 
 def _best_fn(metrics: dict[str, Any]) -> float:
@@ -126,7 +155,7 @@ def _unlistable_error(directory: Path, cause: BaseException) -> CheckpointError:
                 f"(rm -r {step}) to use the others, or restore the file from a copy."
             )
     return CheckpointError(
-        f"The checkpoints in {directory} could not be listed ({_root_cause(cause)}). Nothing "
+        f"The checkpoints in {directory} could not be listed ({root_cause(cause)}). Nothing "
         "was changed; fix that folder or restore it from a copy, or use a fresh --workdir."
     )
 
@@ -196,7 +225,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> 
     try:
         meta = manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        raise _corrupt_error(manager, step, _root_cause(e)) from e
+        raise _corrupt_error(manager, step, root_cause(e)) from e
     if meta is None:
         raise _corrupt_error(manager, step, "no state metadata")
     saved, wanted = _shapes(meta), _shapes(target)
@@ -258,7 +287,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
             ),
         )
     except Exception as e:  # noqa: BLE001 - report any read failure the same, actionable way
-        raise _corrupt_error(manager, step, _root_cause(e)) from e
+        raise _corrupt_error(manager, step, root_cause(e)) from e
     return restored["state"], restored["data_iter"]
 
 
@@ -267,13 +296,13 @@ def write_error(manager: ocp.CheckpointManager, cause: BaseException) -> Checkpo
     directory = Path(manager.directory)
     kept = sorted(manager.all_steps())
     return CheckpointWriteError(
-        f"Could not write a checkpoint in {directory}: {_root_cause(cause)}. The checkpoints "
+        f"Could not write a checkpoint in {directory}: {root_cause(cause)}. The checkpoints "
         f"already there ({', '.join(map(str, kept)) or 'none'}) are intact; make room or fix "
         "the folder's permissions, then run the same command again to resume from the latest."
     )
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """The innermost exception's ``Type: message`` (orbax wraps the OS error several times),
     its first line, without the whole TensorStore spec that TensorStore appends."""
     while e.__cause__ is not None or e.__context__ is not None:
@@ -287,14 +316,14 @@ def close(manager: ocp.CheckpointManager) -> None:
 
     Raises :class:`CheckpointError` when a pending save failed.
     """
-    error = None
+    first = None
     for finish in (manager.wait_until_finished, manager.close):  # close even after a failure
         try:
             finish()
         except Exception as e:  # noqa: BLE001 - reported once, as the first failure
-            error = error or write_error(manager, e)
-    if error is not None:
-        raise error
+            first = first or e
+    if first is not None:
+        raise write_error(manager, first) from first
 
 
 __all__ = [
@@ -305,7 +334,9 @@ __all__ = [
     "check_compatible",
     "close",
     "create_manager",
+    "hide_orbax_logs",
     "restore",
+    "root_cause",
     "save",
     "write_error",
 ]

@@ -175,33 +175,24 @@ def resolve_config(
     return config
 
 
-class _DropNoise(logging.logging.Filter):
-    """Hides orbax's own log records: warnings about what we do on purpose (metric-less saves,
-    read-only reads) and the tracebacks of its background threads when a save fails. Every
-    orbax failure reaches the program as an exception, reported as one ``error:`` line. Also
-    tensorflow-datasets' "Variant folder <data_dir>/<name>/<version> has no dataset_info.json":
-    the dataset is not prepared there, which jaxvae then prepares, or reports in its own words."""
+class _DropUnpreparedNotice(logging.logging.Filter):
+    """Hides tensorflow-datasets' "Variant folder <data_dir>/<name>/<version> has no
+    dataset_info.json": the dataset is not prepared there, which jaxvae then prepares, or
+    reports in its own words."""
 
     def filter(self, record) -> bool:
-        if "tensorflow_datasets" in record.pathname:
-            return not str(record.msg).startswith("Variant folder")
-        return "orbax" not in record.pathname
-
-
-def _drop_closed_loop_noise(unraisable) -> None:
-    """``sys.unraisablehook``: orbax's threads of a failed save keep calling into an event loop
-    that is already closed ("Event loop is closed"); the failure itself is reported once."""
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        sys.__unraisablehook__(unraisable)
+        return not (
+            "tensorflow_datasets" in record.pathname
+            and str(record.msg).startswith("Variant folder")
+        )
 
 
 def quiet_logging() -> None:
     """WARNING and above only, unless ``--verbosity`` was given (orbax/tfds log every step)."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    logging.get_absl_logger().addFilter(_DropNoise())
-    sys.unraisablehook = _drop_closed_loop_noise
+    logging.get_absl_logger().addFilter(_DropUnpreparedNotice())
+    checkpointing.hide_orbax_logs()
 
 
 def _note_training_run(workdir: str, mode: str) -> None:

@@ -50,6 +50,8 @@ import argparse
 import math
 import os
 import re
+import shutil
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,7 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxvae import checkpointing, config_utils, optim, reporting, workdir_files
+from jaxvae import checkpointing, config_utils, optim, paths, reporting, workdir_files
 from jaxvae import train_state as ts
 from jaxvae.models import VAE, bottleneck_shape
 
@@ -404,7 +406,9 @@ def save_converted(out_dir: str | os.PathLike, model: VAE, variables: Any) -> Pa
 
     ``python train.py --mode sample|eval --workdir out_dir`` and
     :func:`jaxvae.inference.load_trained` read it; training in it fine-tunes from the converted
-    variables. Raises ``ValueError`` when ``out_dir`` already holds a run (nothing is written).
+    variables. Raises ``ValueError`` when ``out_dir`` already holds a run or cannot be written;
+    nothing is written then, and nothing is left behind when the writing fails or is
+    interrupted (the folders it made and what it wrote in them are removed again).
     """
     out = Path(out_dir).absolute()
     held = [out / n for n in (workdir_files.CONFIG, "checkpoints") if (out / n).exists()]
@@ -413,18 +417,33 @@ def save_converted(out_dir: str | os.PathLike, model: VAE, variables: Any) -> Pa
             f"{out} already holds a run ({', '.join(p.name for p in held)}); nothing was "
             "written. Convert into a fresh folder."
         )
+    reason = paths.not_writable_reason(out)
+    if reason is not None:
+        raise ValueError(f"cannot write {out}: {reason}. Choose another output folder.")
     config = converted_config(model)
     tx, _ = optim.create_optimizer(config.optimizer, 1, 1)  # its schedule shapes no state
     params, batch_stats = variables["params"], variables["batch_stats"]
     fresh = ts.init_train_state(model, tx, config.seed)  # the step, the noise key
     state = fresh.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
-    out.mkdir(parents=True, exist_ok=True)
-    manager = checkpointing.create_manager(out / "checkpoints", config.keep_checkpoints)
+    made = paths.make_folder(out)
     try:
-        checkpointing.save(manager, 0, state, {})
-    finally:
-        checkpointing.close(manager)
-    reporting.write_json(out / workdir_files.CONFIG, config_utils.to_dict(config))
+        manager = checkpointing.create_manager(out / "checkpoints", config.keep_checkpoints)
+        try:
+            checkpointing.save(manager, 0, state, {})
+        finally:
+            checkpointing.close(manager)
+        reporting.write_json(out / workdir_files.CONFIG, config_utils.to_dict(config))
+    except BaseException as e:  # a failed write, or Ctrl-C: leave no half-written workdir behind
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / workdir_files.CONFIG).unlink(missing_ok=True)
+        paths.remove_if_empty(made)
+        if isinstance(e, checkpointing.CheckpointWriteError):
+            raise checkpointing.CheckpointWriteError(
+                f"could not write the converted model in {out}: {checkpointing.root_cause(e)}. "
+                "Nothing was left there; make room or fix the folder's permissions, then run "
+                "the same command again."
+            ) from e
+        raise
     return out
 
 
@@ -456,12 +475,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="torch.load with weights_only=False (only for files you trust)",
     )
     args = parser.parse_args(argv)
+    checkpointing.hide_orbax_logs()  # its warnings about the metric-less step-0 checkpoint
     try:
         state_dict = read_state_dict(args.input, trust_pickle=args.trust_pickle)
         model, variables = load_pytorch_vanilla_vae(state_dict, args.image_size)
         out = save_converted(args.out_dir, model, variables)
     except (ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except checkpointing.CheckpointWriteError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # orbax's threads of the failed save would hold the interpreter's exit
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; nothing was written.\n")
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
     print(
         f"converted {args.input}: hidden_dims={model.hidden_dims} latent_dim={model.latent_dim} "

@@ -275,7 +275,7 @@ def test_bad_state_dicts_raise_naming_the_key(mutate, match):
 
 
 def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
-    fixture, converted, tmp_path, capsys, train_py
+    fixture, converted, tmp_path, capsys, caplog, train_py
 ):
     """The converter writes a jaxvae workdir: ``train.py --mode sample`` draws its prior samples
     with no dataset anywhere (CelebA is not prepared in the empty data_dir, and offline it
@@ -289,8 +289,11 @@ def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
     npz = tmp_path / "vanilla.npz"
     np.savez(npz, **{f"model.{k}": v for k, v in sd.items()})
     out_dir = tmp_path / "out"
-    convert.main([str(npz), str(out_dir), "--image-size", "16"])
+    with caplog.at_level("WARNING"):
+        convert.main([str(npz), str(out_dir), "--image-size", "16"])
     assert "hidden_dims=(8, 16)" in capsys.readouterr().out
+    # orbax's warning about the step-0 checkpoint's missing metrics (on purpose) is not shown.
+    assert [r.getMessage() for r in caplog.records if "orbax" in r.pathname] == []
     saved = workdir_files.read_config(out_dir)
     assert saved == config_utils.to_dict(convert.converted_config(converted[0]))
     assert (saved["data"]["name"], saved["data"]["image_size"]) == ("celeb_a", 16)
@@ -331,6 +334,40 @@ def test_cli_writes_a_workdir_that_train_py_samples_and_load_trained_reads(
         assert exit_info.value.code == 2
         assert match in capsys.readouterr().err
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("stop", ["no_space", "ctrl_c"])
+def test_a_failed_or_interrupted_write_leaves_nothing(converted, tmp_path, monkeypatch, stop):
+    """A checkpoint write that fails (here: no space, in the middle of orbax's temporary
+    folder) or Ctrl-C there removes what the converter made: the out folder is gone, and the
+    same command can be run again. A folder that cannot be made is refused before anything."""
+    from jaxvae import checkpointing
+
+    def save(manager, *args, **kwargs):
+        (Path(manager.directory) / "0.orbax-checkpoint-tmp").mkdir()
+        if stop == "ctrl_c":
+            raise KeyboardInterrupt
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:  # as checkpointing.save raises it
+            raise checkpointing.write_error(manager, e) from e
+
+    monkeypatch.setattr(checkpointing, "save", save)
+    out = tmp_path / "new" / "out"
+    error = KeyboardInterrupt if stop == "ctrl_c" else checkpointing.CheckpointWriteError
+    with pytest.raises(error) as info:
+        convert.save_converted(out, *converted)
+    if stop == "no_space":
+        assert str(info.value) == (
+            f"could not write the converted model in {out}: OSError: [Errno 28] No space left "
+            "on device. Nothing was left there; make room or fix the folder's permissions, then "
+            "run the same command again."
+        )
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"cannot write .*file/out: .*file is not a writable"):
+        convert.save_converted(tmp_path / "file" / "out", *converted)
 
 
 def test_a_file_that_is_not_an_npz_archive_is_named(fixture, tmp_path):
