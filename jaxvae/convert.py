@@ -486,7 +486,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # orbax's threads of the failed save would hold the interpreter's exit
     except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; nothing was written.\n")
+        print(f"{parser.prog}: interrupted; nothing was written.", file=sys.stderr, flush=True)
+        os._exit(130)  # a normal exit with orbax's or XLA's threads at work can crash (139)
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
     print(
         f"converted {args.input}: hidden_dims={model.hidden_dims} latent_dim={model.latent_dim} "
