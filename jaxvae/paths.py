@@ -48,4 +48,14 @@ def remove_if_empty(made: list[Path]) -> None:
             return
 
 
-__all__ = ["make_folder", "not_writable_reason", "remove_if_empty"]
+def remove_empty(folders: list[Path]) -> None:
+    """Removes those of ``folders`` that are empty, the deepest first (so a folder whose only
+    content was an empty folder of the list goes too); the others are left as they are."""
+    for folder in sorted(folders, key=lambda f: len(Path(f).parts), reverse=True):
+        try:
+            Path(folder).rmdir()
+        except OSError:  # not empty, or not there
+            pass
+
+
+__all__ = ["make_folder", "not_writable_reason", "remove_empty", "remove_if_empty"]

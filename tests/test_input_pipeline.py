@@ -557,6 +557,7 @@ def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monke
     with pytest.raises(input_pipeline.CorruptDatasetFileError, match="SHA-256") as e:
         input_pipeline.get_dataset_info(cfg)
     assert "binarized_mnist_valid.amat" in str(e.value)
+    assert not (tmp_path / "d1").exists()  # tfds's empty folders removed: nothing left behind
     # Matching checksums: prepared from manual_dir, offline, and read back exactly.
     monkeypatch.setattr(builder_cls, "url_infos", url_infos)
     cfg["data_dir"] = str(tmp_path / "d2")

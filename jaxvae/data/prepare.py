@@ -24,6 +24,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from jaxvae import paths
@@ -154,6 +155,20 @@ def _local_preparation_notes(name: str, manual_dir: str, dataset_dir: str) -> It
     print(f"Prepared {name}.", flush=True)
 
 
+def _folders_preparation_makes(builder: Any) -> list[Path]:
+    """The folders tfds makes to prepare ``builder``'s dataset: its ``data_dir`` root, the
+    folders down to the dataset's version folder, and the download folders."""
+    root = Path(builder.data_dir_root)
+    version_dir = Path(builder.data_dir)
+    downloads = root / "downloads"
+    return [
+        *(f for f in [version_dir, *version_dir.parents] if f == root or root in f.parents),
+        downloads,
+        downloads / "extracted",
+        downloads / "manual",
+    ]
+
+
 def prepared_builder(
     name: str, data_dir: str | None, manual_dir: str | None, *, download: bool = True
 ) -> Any:
@@ -194,9 +209,15 @@ def prepared_builder(
         if manual_dir
         else contextlib.nullcontext()
     )
+    made = _folders_preparation_makes(builder)
+    made = [f for f in made if not f.exists()]
     try:
         with notes:
-            builder.download_and_prepare(download_config=config)
+            try:
+                builder.download_and_prepare(download_config=config)
+            except BaseException:  # failed or interrupted: no empty folders left behind
+                paths.remove_empty(made)
+                raise
     except download_manager.NonMatchingChecksumError as e:  # its message names the file
         raise CorruptDatasetFileError(
             f"preparing {name} {how} failed: a file's size or SHA-256 differs from tfds's "
