@@ -96,7 +96,8 @@ def _workdir_config_flag(workdir: str, keys: Sequence[str]) -> str:
     if saved is None:
         fail(
             f"--workdir {workdir} holds no {workdir_files.CONFIG} (is it a trained run?); give "
-            "the config it was trained with: --config <file>.",
+            "the config it was trained with: --config <file>."
+            + workdir_files.enclosing_workdir_hint(workdir),
             2,
         )
     refused = [f"--config.{k}" for k in keys if not k.startswith(INFERENCE_OVERRIDES)]

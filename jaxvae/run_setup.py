@@ -208,6 +208,7 @@ def setup(
         raise checkpointing.CheckpointError(
             f"No checkpoints in {ckpt_dir}: train first "
             f"(python train.py --config <config> --workdir {workdir})."
+            + workdir_files.enclosing_workdir_hint(workdir)
         )
     if info is None:
         image_shape = _image_shape_without_data(config, missing)

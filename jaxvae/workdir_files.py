@@ -55,6 +55,17 @@ def read_config(workdir: str | Path) -> dict[str, Any] | None:
     return config
 
 
+def enclosing_workdir_hint(folder: str | Path) -> str:
+    """`` " <folder> is inside the run in W: use --workdir W."`` when ``folder`` (not itself a
+    workdir) lies within one (its ``checkpoints/``, a step folder of it, ``samples/``), else
+    ``""``: for the messages about a workdir that holds no run."""
+    folder = Path(folder).absolute()
+    for parent in list(folder.parents)[:3]:
+        if (parent / CONFIG).is_file():
+            return f" {folder} is inside the run in {parent}: use --workdir {parent}."
+    return ""
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a ``.jsonl`` file, one per non-blank line ([] when there is none)."""
     path = Path(path)
@@ -79,4 +90,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-__all__ = ["CONFIG", "EVAL_HISTORY", "METRICS", "DamagedFileError", "read_config", "read_jsonl"]
+__all__ = [
+    "CONFIG",
+    "EVAL_HISTORY",
+    "METRICS",
+    "DamagedFileError",
+    "enclosing_workdir_hint",
+    "read_config",
+    "read_jsonl",
+]

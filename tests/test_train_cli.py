@@ -72,7 +72,15 @@ def test_eval_mode_without_checkpoint(capsys, tmp_path, train_py):
     with mock_data(num_examples=8):
         code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={wd}", "--mode=eval")
     assert code == 1 and "No checkpoints in" in err and "train first" in err
+    assert "is inside the run" not in err
     assert list(wd.iterdir()) == []
+    # wd taken for a run's folder: inside a workdir (its config.json), the message says so.
+    (tmp_path / "config.json").write_text("{}")
+    with mock_data(num_examples=8):
+        code, err = run_cli(train_py, capsys, "--config", TINY, f"--workdir={wd}", "--mode=eval")
+    assert code == 1 and err.strip().endswith(
+        f"{wd} is inside the run in {tmp_path}: use --workdir {tmp_path}."
+    ), err
 
 
 def test_ctrl_c_outside_the_training_loop_exits_at_once(capsys, tmp_path, train_py, monkeypatch):

@@ -211,7 +211,15 @@ def test_eval_and_sample_from_the_workdir_config(trained, mock, train_py, capsys
     assert train_py("--mode=eval", f"--workdir={nothing}", "--config.eval.iwae_samples=2") == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and f"--workdir {nothing} holds no config.json" in err, err
+    assert " is inside the run" not in err
     assert not nothing.exists()
+    # A folder inside the run (its checkpoints, as the user might take it for the workdir).
+    assert train_py("--mode=sample", f"--workdir={workdir}/checkpoints") == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(
+        f"{workdir}/checkpoints is inside the run in {workdir}: use --workdir {workdir}."
+    ), err
+    assert snapshot(workdir) == before
     code = train_py(
         "--mode=eval",
         f"--workdir={workdir}",
