@@ -209,8 +209,7 @@ def prepared_builder(
         if manual_dir
         else contextlib.nullcontext()
     )
-    made = _folders_preparation_makes(builder)
-    made = [f for f in made if not f.exists()]
+    made = [f for f in _folders_preparation_makes(builder) if not f.exists()]
     try:
         with notes:
             try:
