@@ -11,7 +11,8 @@ state donated) on random images of the config's shape, and reports:
 - ``compile_s``: wall time of ``step.lower(...).compile()``.
 - ``peak_rss_mib``: the process's peak resident memory (``resource.getrusage``), and
   ``peak_device_mib`` where the backend reports ``memory_stats()['peak_bytes_in_use']``
-  (GPU/TPU; the CPU backend reports nothing).
+  (GPU/TPU; the CPU backend reports nothing), also right after compilation (a process-wide
+  peak: it includes what earlier rows of the same run allocated).
 
 With ``--eval``: the evaluation step of ``jaxvae.evaluate`` (ELBO + IWAE with
 ``--iwae-samples`` K, decoded ``--iwae-chunk`` at a time), reported as posterior samples
@@ -79,8 +80,13 @@ def add_malloc_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config(name: str, batch_size: int | None = None, conv_impl: str | None = None):
-    """The experiment config ``configs/celeba.py`` (seed) or ``configs/mnist.py``."""
+def load_config(
+    name: str,
+    batch_size: int | None = None,
+    conv_impl: str | None = None,
+    dtype: str | None = None,
+):
+    """The experiment config of ``CONFIGS[name]``, with the given fields overridden."""
     from jaxvae import config_utils
 
     config = config_utils.load_config_file(ROOT / "configs" / CONFIGS[name])
@@ -88,6 +94,8 @@ def load_config(name: str, batch_size: int | None = None, conv_impl: str | None 
         config.batch_size = batch_size
     if conv_impl:
         config.model.conv_impl = conv_impl
+    if dtype:
+        config.model.dtype = dtype
     return config
 
 
@@ -140,6 +148,7 @@ class TrainBench:
         t0 = time.perf_counter()
         self.step = step.lower(self.state, self.batches[0]).compile()
         self.compile_s = time.perf_counter() - t0
+        self.peak_after_compile_mib = peak_memory()["peak_device_mib"]
         self.batch_size = config.batch_size
         self._i = 0
 
@@ -187,6 +196,7 @@ class EvalBench:
         args = (self.variables, self.images, self.mask, self.key, self.offset)
         self.step = step.lower(*args).compile()
         self.compile_s = time.perf_counter() - t0
+        self.peak_after_compile_mib = peak_memory()["peak_device_mib"]
         self.samples_per_call = iwae_samples * batch
         self.plan = evaluate.make_iwae_planner(model, config)(batch // num_devices)
 
@@ -231,6 +241,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default=["auto"],
         help="jaxvae.layers impl(s): auto | xla | gemm",
     )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        help="config.model.dtype(s): float32 | bfloat16 (the compute dtype)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
@@ -252,48 +268,51 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from jaxvae import host_memory, layers
 
     rows = []
-    for name in args.config:
-        for impl in args.conv_impl:
-            config = load_config(name, args.batch_size, impl)
-            if args.eval:
-                config.eval.batch_size = args.eval_batch_size
-                bench = EvalBench(
-                    config, args.num_devices, args.iwae_samples, args.iwae_chunk, args.memory_mb
-                )
-                unit = "samples/s"
-            else:
-                bench = TrainBench(config, args.num_devices)
-                unit = "images/s"
-            m = measure(bench, args.warmup, args.windows, args.steps)
-            row = {
-                "config": name,
-                "benchmark": "eval_iwae" if args.eval else "train_step",
-                "backend": jax.default_backend(),
-                "num_devices": args.num_devices,
-                "batch_size": config.eval.batch_size if args.eval else config.batch_size,
-                "conv_impl": impl,
-                "resolved_impl": layers.resolve_impl(impl),
-                "unit": unit,
-                "rate": m["rate_median"],
-                "rates": m["rates"],
-                "compile_s": bench.compile_s,
-                "hugepage_malloc": host_memory.hugepages_active(),
-                **peak_memory(),
-            }
-            if args.eval:
-                chunk, rows_ = bench.plan
-                row.update(
-                    iwae_samples=args.iwae_samples,
-                    iwae_chunk=args.iwae_chunk,
-                    memory_mb=args.memory_mb,
-                    plan_chunk=chunk,
-                    plan_rows=rows_,
-                )
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
+    runs = [(n, i, d) for n in args.config for i in args.conv_impl for d in args.dtype]
+    for name, impl, dtype in runs:
+        config = load_config(name, args.batch_size, impl, dtype)
+        if args.eval:
+            config.eval.batch_size = args.eval_batch_size
+            bench = EvalBench(
+                config, args.num_devices, args.iwae_samples, args.iwae_chunk, args.memory_mb
+            )
+            unit = "samples/s"
+        else:
+            bench = TrainBench(config, args.num_devices)
+            unit = "images/s"
+        m = measure(bench, args.warmup, args.windows, args.steps)
+        row = {
+            "config": name,
+            "benchmark": "eval_iwae" if args.eval else "train_step",
+            "backend": jax.default_backend(),
+            "num_devices": args.num_devices,
+            "batch_size": config.eval.batch_size if args.eval else config.batch_size,
+            "conv_impl": impl,
+            "resolved_impl": layers.resolve_impl(impl),
+            "dtype": dtype,
+            "unit": unit,
+            "rate": m["rate_median"],
+            "rates": m["rates"],
+            "compile_s": bench.compile_s,
+            # GPU: XLA's autotuning of convolutions during compilation allocates memory too
+            "peak_device_mib_after_compile": bench.peak_after_compile_mib,
+            "hugepage_malloc": host_memory.hugepages_active(),
+            **peak_memory(),
+        }
+        if args.eval:
+            chunk, rows_ = bench.plan
+            row.update(
+                iwae_samples=args.iwae_samples,
+                iwae_chunk=args.iwae_chunk,
+                memory_mb=args.memory_mb,
+                plan_chunk=chunk,
+                plan_rows=rows_,
+            )
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
 
     print(f"\nmalloc: {args.malloc} (glibc.malloc.hugetlb={int(host_memory.hugepages_active())})")
-    hdr = f"{'config':20s} {'bench':10s} {'impl':13s} {'dev':>3s} {'batch':>5s} "
+    hdr = f"{'config':20s} {'bench':10s} {'impl':13s} {'dtype':8s} {'dev':>3s} {'batch':>5s} "
     hdr += (
         f"{'rate':>10s} {'unit':9s} {'compile_s':>9s} {'peak_rss_MiB':>12s} {'peak_dev_MiB':>12s}"
     )
@@ -302,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         dev = f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "n/a"
         impl_col = f"{r['conv_impl']}/{r['resolved_impl']}"
         print(
-            f"{r['config']:20s} {r['benchmark']:10s} {impl_col:13s} "
+            f"{r['config']:20s} {r['benchmark']:10s} {impl_col:13s} {r['dtype']:8s} "
             f"{r['num_devices']:3d} {r['batch_size']:5d} {r['rate']:10.1f} {r['unit']:9s} "
             f"{r['compile_s']:9.1f} {r['peak_rss_mib']:12.0f} {dev:>12s}"
         )
