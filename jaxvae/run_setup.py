@@ -284,11 +284,18 @@ def check_metrics_history(workdir: Path, ckpt_dir: Path) -> None:
 
 
 def check_writable(workdir: Path) -> None:
-    """Refuses a workdir that is a file, or that cannot be written, before anything happens."""
+    """Refuses, before anything happens, a workdir that is a file, that cannot be written, or
+    that lies inside another run's ``checkpoints/`` (orbax's folder of that run)."""
     reason = paths.not_writable_reason(workdir)
     if reason is not None:
         raise config_utils.ConfigError(
             f"--workdir {workdir} cannot be written ({reason}); choose a folder you can write to."
+        )
+    run = workdir_files.enclosing_workdir(workdir)
+    if run is not None and run / "checkpoints" in [workdir.absolute(), *workdir.absolute().parents]:
+        raise config_utils.ConfigError(
+            f"--workdir {workdir} is inside the checkpoints of the run in {run}; train in a "
+            f"folder of its own (--workdir {run} resumes that run)."
         )
 
 

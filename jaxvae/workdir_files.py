@@ -55,15 +55,23 @@ def read_config(workdir: str | Path) -> dict[str, Any] | None:
     return config
 
 
-def enclosing_workdir_hint(folder: str | Path) -> str:
-    """`` " <folder> is inside the run in W: use --workdir W."`` when ``folder`` (not itself a
-    workdir) lies within one (its ``checkpoints/``, a step folder of it, ``samples/``), else
-    ``""``: for the messages about a workdir that holds no run."""
-    folder = Path(folder).absolute()
-    for parent in list(folder.parents)[:3]:
+def enclosing_workdir(folder: str | Path) -> Path | None:
+    """The workdir ``folder`` lies within (its ``checkpoints/``, a step folder of it,
+    ``samples/``): the nearest of its three closest parents that holds a ``config.json``."""
+    for parent in list(Path(folder).absolute().parents)[:3]:
         if (parent / CONFIG).is_file():
-            return f" {folder} is inside the run in {parent}: use --workdir {parent}."
-    return ""
+            return parent
+    return None
+
+
+def enclosing_workdir_hint(folder: str | Path) -> str:
+    """`` " <folder> is inside the run in W: use --workdir W."`` when ``folder`` lies within a
+    workdir (:func:`enclosing_workdir`), else ``""``: for the messages about a workdir that
+    holds no run."""
+    run = enclosing_workdir(folder)
+    if run is None:
+        return ""
+    return f" {Path(folder).absolute()} is inside the run in {run}: use --workdir {run}."
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -95,6 +103,7 @@ __all__ = [
     "EVAL_HISTORY",
     "METRICS",
     "DamagedFileError",
+    "enclosing_workdir",
     "enclosing_workdir_hint",
     "read_config",
     "read_jsonl",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from multiprocess_launcher import mock_data
 
-from jaxvae import checkpointing, config_utils, inference, train_lib
+from jaxvae import checkpointing, config_utils, inference, run_setup, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -286,6 +286,20 @@ def test_workdir_that_is_a_file(mock, train_py, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "is a file" in err and "Traceback" not in err
     assert path.read_text() == "not a folder"
+
+
+def test_a_workdir_inside_another_runs_checkpoints_is_refused(trained, mock, train_py, capsys):
+    """``--workdir W/checkpoints`` (or a folder in it) would put a second run among the first
+    one's checkpoints; refused, nothing changed. A run in a folder of its own beside them
+    (``W/sweep``) is not refused: only the checkpoints folder is another run's."""
+    before = snapshot(trained)
+    for inside in (trained / "checkpoints", trained / "checkpoints" / "new"):
+        assert train_py("--config", TINY, f"--workdir={inside}") == 1
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Traceback" not in err, err
+        assert f"is inside the checkpoints of the run in {trained}; train in a folder" in err
+        assert snapshot(trained) == before
+    run_setup.check_writable(trained / "sweep")  # raises nothing
 
 
 def finite_everywhere(workdir: Path) -> None:
