@@ -196,6 +196,22 @@ def quiet_logging() -> None:
     checkpointing.hide_orbax_logs()
 
 
+def _out_of_memory_message(e: Exception, mode: str) -> str:
+    """One line for XLA's ``RESOURCE_EXHAUSTED``: what ran out and which fields size it."""
+    cause = str(e).strip().splitlines()[0]
+    resume = (
+        " Run the same command with smaller values: training resumes from the latest "
+        "checkpoint (a step whose evaluation ran out of memory is saved first)."
+        if mode == "train"
+        else ""
+    )
+    return (
+        f"the {jax.default_backend().upper()} ran out of memory ({cause}). Lower what sizes the "
+        "programs: --config.batch_size (training), --config.eval.batch_size or "
+        "--config.eval.memory_mb (evaluation)." + resume
+    )
+
+
 def _note_training_run(workdir: str, mode: str) -> None:
     """Says so when a training run holds the workdir: eval and sample only read checkpoints,
     which they may do meanwhile (the latest one may be newer by the time they finish)."""
@@ -263,6 +279,11 @@ def main(
         fail(str(e))
     except USER_ERRORS as e:
         fail(str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # At once, as for Ctrl-C: every `finally` (pending checkpoint saves, the lock) has run.
+        fail(_out_of_memory_message(e, mode), at_once=True)
     except preemption.Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -116,8 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoder working set per device in the IWAE evaluation (MiB): the decoder calls are sized
     # from it (jaxvae.evaluate.iwae_plan), whatever K and the chunk size; the estimate is the same.
     c.eval.memory_mb = 512.0
-    c.eval.num_image_grid = 8  # images per row of the PNG grids
-    c.eval.interpolation_steps = 8
+    c.eval.num_image_grid = 8  # images per row of the PNG grids (1 to 64)
+    c.eval.interpolation_steps = 8  # images per interpolation row (2 to 64)
     return c
 
 
@@ -259,6 +259,10 @@ def _is_number(v: Any) -> bool:
 
 # field -> (check, what is allowed). Every leaf of base_config() has an entry (a test checks).
 _INT_GE = lambda lo: (lambda v: _is_int(v) and v >= lo, f"an integer >= {lo}")  # noqa: E731
+_INT_IN = lambda lo, hi: (  # noqa: E731
+    lambda v: _is_int(v) and lo <= v <= hi,
+    f"an integer from {lo} to {hi}",
+)
 _NUM_GE = lambda lo: (lambda v: _is_number(v) and v >= lo, f"a finite number >= {lo}")  # noqa: E731
 _ONE_OF = lambda *c: (lambda v: v in c, f"one of {', '.join(map(repr, c))}")  # noqa: E731
 _OPT_INT_GE = lambda lo: (  # noqa: E731
@@ -332,8 +336,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.iwae_samples": _INT_GE(1),
     "eval.iwae_chunk_size": _INT_GE(0),
     "eval.memory_mb": (lambda v: _is_number(v) and v > 0, "a number of MiB > 0"),
-    "eval.num_image_grid": _INT_GE(1),
-    "eval.interpolation_steps": _INT_GE(2),
+    # The pictures are one program on one device: a grid of num_image_grid**2 prior samples,
+    # and num_image_grid rows of interpolation_steps decodes (a 64 x 64 grid: 4,096 samples).
+    "eval.num_image_grid": _INT_IN(1, 64),
+    "eval.interpolation_steps": _INT_IN(2, 64),
 }
 
 

@@ -225,7 +225,15 @@ def _train(
                 jax.block_until_ready(state)  # finish the queued steps inside the window
                 t0 = time.perf_counter()
                 if do_eval:
-                    ev = evaluate_and_record(state, done)
+                    try:
+                        ev = evaluate_and_record(state, done)
+                    except jax.errors.JaxRuntimeError as e:
+                        # Out of memory in the evaluation: the step itself is good. Saved
+                        # without its evaluation (owed, as after a signal) where no other
+                        # process is waiting in the evaluation's collectives.
+                        if "RESOURCE_EXHAUSTED" in str(e) and jax.process_count() == 1:
+                            checkpointing.save(manager, done, state, train_iter.get_state())
+                        raise
                     if ev is None:  # stopped: save this step without its evaluation
                         eval_stopped, stopping, do_eval, do_ckpt = True, True, False, True
                     else:
