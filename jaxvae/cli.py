@@ -280,7 +280,7 @@ def main(
     except USER_ERRORS as e:
         fail(str(e))
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if not train_lib.is_out_of_memory(e):
             raise
         # At once, as for Ctrl-C: every `finally` (pending checkpoint saves, the lock) has run.
         fail(_out_of_memory_message(e, mode), at_once=True)

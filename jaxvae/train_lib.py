@@ -231,7 +231,7 @@ def _train(
                         # Out of memory in the evaluation: the step itself is good. Saved
                         # without its evaluation (owed, as after a signal) where no other
                         # process is waiting in the evaluation's collectives.
-                        if "RESOURCE_EXHAUSTED" in str(e) and jax.process_count() == 1:
+                        if is_out_of_memory(e) and jax.process_count() == 1:
                             checkpointing.save(manager, done, state, train_iter.get_state())
                         raise
                     if ev is None:  # stopped: save this step without its evaluation
@@ -281,6 +281,11 @@ def _train(
         if is_main:
             reporting.write_json(workdir / "results.json", finite(results))
     return results
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is XLA's ``RESOURCE_EXHAUSTED``: a device out of memory."""
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def _finished_results(workdir: Path, step: int) -> dict[str, Any] | None:
@@ -366,4 +371,4 @@ def _results(
     }
 
 
-__all__ = ["TrainingDivergedError", "train_and_evaluate"]
+__all__ = ["TrainingDivergedError", "is_out_of_memory", "train_and_evaluate"]
