@@ -557,7 +557,16 @@ def test_offline_preparation_from_manual_dir_and_checksum_errors(tmp_path, monke
     with pytest.raises(input_pipeline.CorruptDatasetFileError, match="SHA-256") as e:
         input_pipeline.get_dataset_info(cfg)
     assert "binarized_mnist_valid.amat" in str(e.value)
-    assert not (tmp_path / "d1").exists()  # tfds's empty folders removed: nothing left behind
+    assert not (tmp_path / "d1").exists()  # made for the preparation: removed with its content
+    # A data_dir that was there before keeps what it held; only the empty folders tfds made go.
+    kept = tmp_path / "d0" / "downloads" / "extracted" / "another_dataset.bin"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"cached")
+    cfg["data_dir"] = str(tmp_path / "d0")
+    with pytest.raises(input_pipeline.CorruptDatasetFileError, match="SHA-256"):
+        input_pipeline.get_dataset_info(cfg)
+    assert kept.read_bytes() == b"cached"
+    assert not (tmp_path / "d0" / "binarized_mnist").exists()
     # Matching checksums: prepared from manual_dir, offline, and read back exactly.
     monkeypatch.setattr(builder_cls, "url_infos", url_infos)
     cfg["data_dir"] = str(tmp_path / "d2")

@@ -20,6 +20,7 @@ import difflib
 import gzip
 import io
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -210,12 +211,16 @@ def prepared_builder(
         else contextlib.nullcontext()
     )
     made = [f for f in _folders_preparation_makes(builder) if not f.exists()]
+    root = Path(builder.data_dir_root)
     try:
         with notes:
             try:
                 builder.download_and_prepare(download_config=config)
-            except BaseException:  # failed or interrupted: no empty folders left behind
-                paths.remove_empty(made)
+            except BaseException:  # failed or interrupted: leave data_dir as it was
+                if root in made:  # made for this preparation: whatever tfds wrote there goes
+                    shutil.rmtree(root, ignore_errors=True)
+                else:  # tfds's download cache there may serve other datasets: empty folders only
+                    paths.remove_empty(made)
                 raise
     except download_manager.NonMatchingChecksumError as e:  # its message names the file
         raise CorruptDatasetFileError(
