@@ -3,15 +3,16 @@
   python train.py --config configs/mnist.py [--workdir DIR] [--config.batch_size=256]
   python train.py --config configs/mnist.py --mode eval [--checkpoint best]
   python train.py --config configs/mnist.py --mode sample
+  python train.py --mode eval --workdir runs/mnist --config.eval.iwae_samples=5000
 
 The default workdir is ``runs/<config.name>``. Training resumes automatically when the workdir
 holds a checkpoint. Any config field can be overridden as ``--config.<field>=<value>``; an
 unknown field is rejected with the list of valid ones. With ``--mode eval|sample`` and no
 ``--config``, the workdir's ``config.json`` is used (``--config.eval.*`` and a few data
 fields may still be overridden: ``jaxvae.cli.INFERENCE_OVERRIDES``). The work is done in
-``jaxvae.cli`` and ``jaxvae.train_lib``. Several processes (``--coordinator_address
-host:port --num_processes N --process_id i``, or srun / mpirun / a TPU slice, detected) join
-JAX's distributed runtime first: ``jaxvae.distributed``.
+``jaxvae.cli``, ``jaxvae.train_lib`` and ``jaxvae.inference``. Several processes
+(``--coordinator_address host:port --num_processes N --process_id i``, or srun / mpirun / a
+TPU slice, detected) join JAX's distributed runtime first: ``jaxvae.distributed``.
 """
 
 from __future__ import annotations
