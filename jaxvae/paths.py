@@ -40,22 +40,14 @@ def make_folder(folder: str | Path) -> list[Path]:
 
 
 def remove_if_empty(made: list[Path]) -> None:
-    """Removes the folders :func:`make_folder` made, innermost first, as long as they are empty."""
-    for folder in made:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (the run wrote something), or already gone
-            return
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Removes those of ``folders`` that are empty, the deepest first (so a folder whose only
-    content was an empty folder of the list goes too); the others are left as they are."""
-    for folder in sorted(folders, key=lambda f: len(Path(f).parts), reverse=True):
+    """Removes those of the folders ``made`` (by :func:`make_folder`, or about to be made by a
+    library) that are empty, the deepest first, so a folder whose only content was another of
+    them goes too; a folder something was written into stays, and so do its parents."""
+    for folder in sorted(made, key=lambda f: len(Path(f).parts), reverse=True):
         try:
             Path(folder).rmdir()
-        except OSError:  # not empty, or not there
+        except OSError:  # not empty (the run wrote something), or already gone
             pass
 
 
-__all__ = ["make_folder", "not_writable_reason", "remove_empty", "remove_if_empty"]
+__all__ = ["make_folder", "not_writable_reason", "remove_if_empty"]

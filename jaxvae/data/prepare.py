@@ -220,7 +220,7 @@ def prepared_builder(
                 if root in made:  # made for this preparation: whatever tfds wrote there goes
                     shutil.rmtree(root, ignore_errors=True)
                 else:  # tfds's download cache there may serve other datasets: empty folders only
-                    paths.remove_empty(made)
+                    paths.remove_if_empty(made)
                 raise
     except download_manager.NonMatchingChecksumError as e:  # its message names the file
         raise CorruptDatasetFileError(
